@@ -1,0 +1,30 @@
+r"""BYOL ResNet-50 on ImageNet, the paper's main recipe (74.3% linear top-1 at 1000 epochs).
+
+Batch 4096 over all devices, LARS, lr 0.2 x batch/256, weight decay 1.5e-6,
+tau_base 0.996, 10 warm-up epochs. Shorter schedules use the paper's presets:
+`--config=resnet50_imagenet:300` (also 40 and 100).
+"""
+
+from byol_jax.configs import base
+
+# epochs -> (base_lr, weight_decay, base_tau), from the BYOL paper's schedules.
+PRESETS = {
+    40: (0.45, 1e-6, 0.97),
+    100: (0.45, 1e-6, 0.99),
+    300: (0.3, 1e-6, 0.99),
+    1000: (0.2, 1.5e-6, 0.996),
+}
+
+
+def imagenet_config(epochs: int):
+  if epochs not in PRESETS:
+    raise ValueError(f"No preset for {epochs} epochs; use one of {sorted(PRESETS)} "
+                     "or set --config.epochs and the hyper-parameters yourself.")
+  c = base.get_base_config()
+  c.epochs = float(epochs)
+  c.optimizer.base_lr, c.optimizer.weight_decay, c.base_tau = PRESETS[epochs]
+  return c
+
+
+def get_config(epochs: str = "1000"):
+  return imagenet_config(int(epochs))

@@ -1,0 +1,183 @@
+"""Linear evaluation (frozen encoder) and fine-tuning of a pretrained encoder.
+
+Paper protocol: a linear classifier on the frozen embedding, trained with SGD
+and Nesterov momentum under a cosine schedule on random-resized-crop + flip
+views, reported as top-1/top-5 on the test split. With lr and weight-decay
+grids, each pair is trained and the reported test accuracy is the one of the
+pair that scored best on the held-out validation split. `fine_tune=True` trains
+the encoder too (BatchNorm in training mode); with `label_fraction` 0.01 / 0.1
+that is the semi-supervised protocol.
+"""
+
+import itertools
+import json
+import math
+import os
+from typing import NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+
+from byol_jax import checkpoint, networks, objectives, parallel, pretrain, reporting, train_step
+
+
+class LinearState(NamedTuple):
+  step: jax.Array
+  encoder_params: hk.Params
+  encoder_state: hk.State
+  head_params: hk.Params
+  opt_state: optax.OptState
+
+
+def make_classifier(model_config, num_classes: int, fine_tune: bool):
+  def classify(images, is_training: bool):
+    embedding = networks._encoder(model_config)(images, is_training and fine_tune)  # pylint: disable=protected-access
+    if not fine_tune:
+      embedding = jax.lax.stop_gradient(embedding)
+    return hk.Linear(num_classes, name="classifier", w_init=jnp.zeros)(embedding)
+  return hk.without_apply_rng(hk.transform_with_state(classify))
+
+
+def _split(params):
+  return networks.encoder_subset(params), hk.data_structures.filter(
+      lambda m, n, v: m.startswith("classifier"), params)
+
+
+def train_and_evaluate(config, pre_state, mesh, *, lr: float, weight_decay: float,
+                       workdir: str) -> dict:
+  """Trains one classifier with (lr, weight_decay); returns val and test accuracy."""
+  from byol_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+  le = config.linear_eval
+  num_classes = config.data.num_classes
+  num_train, _ = datasets.dataset_info(config, config.data.train_split)
+  steps = max(1, math.ceil(le.epochs * num_train * le.label_fraction / le.batch_size))
+  parallel.check_batch_size(le.batch_size, mesh)
+  classifier = make_classifier(config.model, num_classes, le.fine_tune)
+  schedule = optax.cosine_decay_schedule(lr * le.batch_size / 256, steps)
+  optimizer = optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.sgd(schedule, momentum=le.momentum, nesterov=le.nesterov))
+
+  size = config.data.image_size
+
+  def init():
+    params, state = classifier.init(jax.random.PRNGKey(config.seed),
+                                    jnp.zeros((1, size, size, 3)), True)
+    _, head = _split(params)
+    encoder_params = networks.encoder_subset(pre_state.online_params)
+    encoder_state = networks.encoder_subset(pre_state.online_state)
+    trainable = {**head, **encoder_params} if le.fine_tune else head
+    return LinearState(jnp.zeros((), jnp.int32), encoder_params, encoder_state, head,
+                       optimizer.init(trainable))
+
+  repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  state = jax.jit(init, out_shardings=repl)()
+
+  def update(state: LinearState, batch):
+    images = train_step.normalize(train_step.to_float_images(batch["image"]))
+
+    def loss_fn(trainable):
+      enc = {k: v for k, v in trainable.items() if k.startswith("encoder")} or state.encoder_params
+      head = {k: v for k, v in trainable.items() if k.startswith("classifier")}
+      logits, new_state = classifier.apply({**enc, **head}, state.encoder_state, images, True)
+      loss, hits = objectives.softmax_cross_entropy(logits, batch["label"])
+      return loss, (new_state, hits)
+
+    trainable = ({**state.head_params, **state.encoder_params} if le.fine_tune
+                 else state.head_params)
+    (loss, (new_state, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    enc, head = _split(trainable)
+    return LinearState(state.step + 1, enc or state.encoder_params,
+                       networks.encoder_subset(new_state), head, opt_state), dict(
+                           loss=loss, top1=hits["top1"] / batch["label"].shape[0],
+                           learning_rate=schedule(state.step))
+
+  update = jax.jit(update, in_shardings=(repl, data), out_shardings=(repl, repl),
+                   donate_argnums=0)
+
+  @jax.jit
+  def predict(state: LinearState, images):
+    images = train_step.normalize(train_step.to_float_images(images))
+    logits, _ = classifier.apply({**state.encoder_params, **state.head_params},
+                                 state.encoder_state, images, False)
+    return logits
+
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
+  start, restored = ckpt.restore(checkpoint.abstract(state))
+  if restored is not None:
+    state = restored
+  start = start or 0
+  chief = jax.process_index() == 0
+  reporter = reporting.Reporter(workdir, total_steps=steps, batch_size=le.batch_size,
+                                enabled=chief, name="linear_eval")
+  batches = input_pipeline.linear_train_batches(
+      config, batch_size=le.batch_size, start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count(), label_fraction=le.label_fraction)
+  reporter.start_timer(start)
+  every = max(1, min(config.log_every_steps, steps))
+  for step in range(start, steps):
+    state, metrics = update(state, parallel.to_global(next(batches), mesh))
+    done = step + 1
+    if done % every == 0 or done == steps:
+      metrics = parallel.fetch(metrics)
+      if not np.isfinite(metrics["loss"]):
+        raise pretrain.NonFiniteLossError(
+            f"The linear-evaluation loss became {metrics['loss']} at step {done}; lower "
+            "--config.linear_eval.base_lr.")
+      reporter.write(done, metrics)
+    if done % config.checkpoint.every_steps == 0 or done == steps:
+      ckpt.save(done, state, {"lr": lr, "weight_decay": weight_decay})
+  ckpt.close()
+
+  def accuracy(split):
+    hits = {"top1": 0, "top5": 0}
+    total = 0
+    for local in input_pipeline.eval_batches(config, split, batch_size=le.batch_size,
+                                             process_index=jax.process_index(),
+                                             process_count=jax.process_count()):
+      batch = parallel.to_global(local, mesh)
+      labels = jnp.where(batch["mask"], batch["label"], -1)
+      counts = objectives.topk_correct(predict(state, batch["image"]), labels)
+      hits = {k: hits[k] + int(counts[k]) for k in hits}
+      total += int(jnp.sum(labels >= 0))
+    return {k: v / max(total, 1) for k, v in hits.items()}
+
+  test = accuracy(config.data.test_split)
+  result = {"lr": lr, "weight_decay": weight_decay, "test_top1": test["top1"],
+            "test_top5": test["top5"], "steps": steps}
+  if le.lr_grid or le.weight_decay_grid:
+    val = accuracy(config.data.val_split)
+    result.update(val_top1=val["top1"], val_top5=val["top5"])
+  return result
+
+
+def run(config, workdir: str, pretrained_workdir: str, mesh) -> dict:
+  """Evaluates the pretrained encoder in `pretrained_workdir`; results under workdir."""
+  config, _, pre_state = pretrain.load_pretrained(config, pretrained_workdir, mesh)
+  le = config.linear_eval
+  name = "fine_tune" if le.fine_tune else "linear_eval"
+  if le.label_fraction < 1.0:
+    name += f"_{le.label_fraction:g}"
+  lrs = tuple(le.lr_grid) or (le.base_lr,)
+  wds = tuple(le.weight_decay_grid) or (le.weight_decay,)
+  results = []
+  for lr, wd in itertools.product(lrs, wds):
+    run_dir = os.path.join(workdir, name, f"lr{lr:g}_wd{wd:g}")
+    results.append(train_and_evaluate(config, pre_state, mesh, lr=lr, weight_decay=wd,
+                                      workdir=run_dir))
+    logging.info("%s lr=%g wd=%g: %s", name, lr, wd, results[-1])
+  best = max(results, key=lambda r: r.get("val_top1", r["test_top1"]))
+  summary = {"best": best, "all": results}
+  print(f"[{name}] test top-1 {best['test_top1']:.4f} top-5 {best['test_top5']:.4f} "
+        f"(lr={best['lr']:g}, weight_decay={best['weight_decay']:g})", flush=True)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, f"{name}_results.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+  return best

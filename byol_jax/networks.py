@@ -1,0 +1,92 @@
+"""BYOL's online and target networks as Haiku transforms.
+
+The online network is encoder -> projector -> predictor, plus a linear probe on
+the stop-gradient embedding. The target network is encoder -> projector only:
+it never needs a predictor or a probe, so we do not compute them. Both use the
+same module names, so the target's parameters are exactly the online subset
+`target_subset(online_params)` and the EMA is a plain tree map.
+"""
+
+from typing import Any, Mapping, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+from byol_jax import resnet
+
+TARGET_MODULES = ("encoder", "projector")
+
+
+class MLP(hk.Module):
+  """Linear -> BatchNorm -> ReLU -> Linear (the BYOL projector / predictor)."""
+
+  def __init__(self, hidden: int, output: int, name: str):
+    super().__init__(name=name)
+    self.hidden, self.output = hidden, output
+
+  def __call__(self, x, is_training: bool):
+    x = hk.Linear(self.hidden, name="linear1")(x)
+    x = hk.BatchNorm(True, True, resnet.BN_DECAY, eps=resnet.BN_EPS, name="bn")(
+        x, is_training=is_training)
+    return hk.Linear(self.output, name="linear2")(jax.nn.relu(x))
+
+
+def _encoder(model_config) -> resnet.ResNet:
+  return resnet.ResNet(depth=model_config.depth, width=model_config.width,
+                       stem=model_config.stem, norm=model_config.norm,
+                       zero_init_residual=model_config.get("zero_init_residual", False),
+                       base_channels=model_config.get("base_channels", 64),
+                       name="encoder")
+
+
+def _projector(model_config) -> MLP:
+  return MLP(model_config.projector_hidden, model_config.projection_dim, "projector")
+
+
+class Networks(NamedTuple):
+  online: hk.TransformedWithState   # images -> {embedding, projection, prediction, logits}
+  target: hk.TransformedWithState   # images -> {projection}
+  encoder: hk.TransformedWithState  # images -> embedding (for evaluation and export)
+
+
+def make_networks(model_config, num_classes: int) -> Networks:
+  """Builds the transforms from the `model` block of a config."""
+
+  def online(images, is_training: bool):
+    embedding = _encoder(model_config)(images, is_training)
+    projection = _projector(model_config)(embedding, is_training)
+    prediction = MLP(model_config.predictor_hidden, model_config.projection_dim,
+                     "predictor")(projection, is_training)
+    # The probe sees a stop-gradient copy: its loss can never shape the encoder.
+    logits = hk.Linear(max(num_classes, 1), name="probe")(jax.lax.stop_gradient(embedding))
+    return dict(embedding=embedding, projection=projection, prediction=prediction,
+                logits=logits)
+
+  def target(images, is_training: bool):
+    embedding = _encoder(model_config)(images, is_training)
+    return dict(projection=_projector(model_config)(embedding, is_training))
+
+  def encoder(images, is_training: bool):
+    return _encoder(model_config)(images, is_training)
+
+  return Networks(*(hk.without_apply_rng(hk.transform_with_state(f))
+                    for f in (online, target, encoder)))
+
+
+def _is_target_module(module_name: str) -> bool:
+  return module_name.split("/")[0] in TARGET_MODULES
+
+
+def target_subset(tree: Mapping[str, Any]) -> hk.Params:
+  """The encoder and projector part of an online params (or state) tree."""
+  return hk.data_structures.filter(lambda m, n, v: _is_target_module(m), tree)
+
+
+def encoder_subset(tree: Mapping[str, Any]) -> hk.Params:
+  return hk.data_structures.filter(lambda m, n, v: m.split("/")[0] == "encoder", tree)
+
+
+def cast_floating(tree, dtype):
+  return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                      tree)

@@ -1,0 +1,105 @@
+"""What a person sees of a run: console lines, TensorBoard, metrics.jsonl, a PNG.
+
+Only process 0 reports; the other processes get a Reporter that does nothing,
+so callers never branch on the process index. TensorBoard event files are
+written with `tf.summary` (TensorFlow is already a dependency for input).
+"""
+
+import json
+import math
+import os
+import time
+from typing import Dict, Optional
+
+from absl import logging
+
+PLOTTED = ("byol_loss", "learning_rate", "tau", "probe_top1", "eval/probe_top1", "eval/knn_top1",
+           "projection_std")
+
+
+class Reporter:
+  """Writes scalar metrics for a job under `workdir`."""
+
+  def __init__(self, workdir: str, *, total_steps: int, batch_size: int, enabled: bool = True,
+               name: str = "pretrain"):
+    self.enabled = enabled
+    self.total_steps, self.batch_size, self.name = total_steps, batch_size, name
+    self.workdir = workdir
+    self.jsonl_path = os.path.join(workdir, f"{name}_metrics.jsonl")
+    self._writer = None
+    self._last: Optional[tuple] = None  # (time, step) at the last timed report
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      self._tf = tf
+      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
+
+  def start_timer(self, step: int) -> None:
+    self._last = (time.perf_counter(), step)
+
+  def write(self, step: int, metrics: Dict[str, float], *, timed: bool = True) -> None:
+    """Reports metrics at `step`; with `timed`, adds steps/s, images/s and the ETA."""
+    if not self.enabled:
+      return
+    metrics = {k: float(v) for k, v in metrics.items()}
+    if timed and self._last is not None and step > self._last[1]:
+      now = time.perf_counter()
+      steps_per_s = (step - self._last[1]) / max(now - self._last[0], 1e-9)
+      metrics["steps_per_s"] = steps_per_s
+      metrics["images_per_s"] = steps_per_s * self.batch_size
+      self._last = (now, step)
+      eta = (self.total_steps - step) / steps_per_s
+      eta_text = f" | ETA {_duration(eta)}"
+    else:
+      eta_text = ""
+    shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
+    logging.info("[%s] step %d/%d | %s%s", self.name, step, self.total_steps, shown, eta_text)
+    print(f"[{self.name}] step {step}/{self.total_steps} | {shown}{eta_text}", flush=True)
+    with open(self.jsonl_path, "a") as f:
+      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    with self._writer.as_default():
+      for k, v in metrics.items():
+        self._tf.summary.scalar(k, v, step=step)
+    self._writer.flush()
+
+  def plot(self, path: Optional[str] = None) -> Optional[str]:
+    """Draws the curves of metrics.jsonl into a PNG; returns its path."""
+    if not self.enabled or not os.path.exists(self.jsonl_path):
+      return None
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+    records = read_jsonl(self.jsonl_path)
+    keys = [k for k in PLOTTED if any(k in r for r in records)]
+    if not keys:
+      return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+      points = [(r["step"], r[key]) for r in records if key in r]
+      ax.plot(*zip(*points), marker="." if len(points) < 30 else None)
+      ax.set_title(key)
+      ax.set_xlabel("step")
+      ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = path or os.path.join(self.workdir, f"{self.name}_curves.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def read_jsonl(path: str):
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _fmt(v: float) -> str:
+  if not math.isfinite(v):
+    return str(v)
+  return f"{v:.4g}" if abs(v) >= 1e-3 or v == 0 else f"{v:.3e}"
+
+
+def _duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

@@ -1,0 +1,156 @@
+"""The BYOL training state and its one jitted, data-parallel update step.
+
+One call of `update` does all of a BYOL step on every device of every process:
+device-side augmentation of the two views, the online and target forwards (BN
+per view, as in the reference), the symmetric loss and the probe's loss, the
+LARS update and the target EMA.
+"""
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+
+from byol_jax import networks as networks_lib
+from byol_jax import objectives, optim, parallel
+
+# torchvision's input normalisation, so exported encoders drop into PyTorch code.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  rng: jax.Array  # raw uint32[2] key data: checkpoints hold plain arrays
+  online_params: hk.Params
+  online_state: hk.State
+  target_params: hk.Params
+  target_state: hk.State
+  opt_state: Any
+
+
+def normalize(images):
+  return (images - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
+
+
+def to_float_images(images):
+  """uint8 [0, 255] (what the host sends) -> float32 [0, 1]."""
+  return images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
+
+
+def schedules(config):
+  """lr(step) and tau(step) for a config with `steps` and `warmup_steps` filled in."""
+  lr = functools.partial(optim.learning_rate, base_lr=config.optimizer.base_lr,
+                         batch_size=config.batch_size,
+                         warmup_steps=config.warmup_steps, total_steps=config.steps)
+  tau = functools.partial(optim.target_decay, base_tau=config.base_tau,
+                          total_steps=config.steps)
+  return lr, tau
+
+
+def make_optimizer(config):
+  lr, _ = schedules(config)
+  return optim.lars(lr, weight_decay=config.optimizer.weight_decay,
+                    momentum=config.optimizer.momentum, eta=config.optimizer.eta)
+
+
+def init_state(config, nets: networks_lib.Networks, optimizer, image_shape, seed: int) -> TrainState:
+  """Initial state; the target starts as a copy of the online encoder and projector."""
+  init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
+  dummy = jnp.zeros((2, *image_shape), jnp.float32)
+  params, state = nets.online.init(init_key, dummy, True)
+  return TrainState(step=jnp.zeros((), jnp.int32), rng=run_key,
+                    online_params=params, online_state=state,
+                    target_params=networks_lib.target_subset(params),
+                    target_state=networks_lib.target_subset(state),
+                    opt_state=optimizer.init(params))
+
+
+AugmentFn = Callable[[jax.Array, jax.Array, int], jax.Array]
+
+
+def plain_views(images, key, view):
+  """No device-side augmentation: uint8 -> float. Used when the host did it all."""
+  del key, view
+  return to_float_images(images)
+
+
+def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh,
+                   augment: AugmentFn = plain_views):
+  """Returns jitted `update(state, batch) -> (state, metrics)`.
+
+  `batch` holds `view1`, `view2` (uint8 or float, [B, H, W, 3]) and `label`
+  (int32, -1 for unlabelled), sharded along the mesh's data axis. `augment`
+  takes (images, key, view_index) and returns float views in [0, 1]; its key is
+  split per example inside, so no two examples on any device share randomness.
+  """
+  lr_fn, tau_fn = schedules(config)
+  compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
+  merge_views = config.model.get("merge_views_bn", False)
+  projection_dim = config.model.projection_dim
+
+  def cast(tree):
+    return networks_lib.cast_floating(tree, compute_dtype)
+
+  def forward(transformed, params, state, view1, view2):
+    """Applies a network to both views; BN statistics per view unless merged."""
+    if merge_views:
+      out, state = transformed.apply(cast(params), state, cast(jnp.concatenate([view1, view2])), True)
+      out = networks_lib.cast_floating(out, jnp.float32)
+      half = view1.shape[0]
+      return jax.tree.map(lambda x: x[:half], out), jax.tree.map(lambda x: x[half:], out), state
+    out1, state = transformed.apply(cast(params), state, cast(view1), True)
+    out2, state = transformed.apply(cast(params), state, cast(view2), True)
+    return (networks_lib.cast_floating(out1, jnp.float32),
+            networks_lib.cast_floating(out2, jnp.float32), state)
+
+  def loss_fn(online_params, state: TrainState, view1, view2, labels):
+    on1, on2, online_state = forward(nets.online, online_params, state.online_state, view1, view2)
+    tg1, tg2, target_state = forward(nets.target, state.target_params, state.target_state,
+                                     view1, view2)
+    byol = objectives.byol_loss(on1["prediction"], on2["prediction"],
+                                tg1["projection"], tg2["projection"])
+    probe, hits = objectives.softmax_cross_entropy(on1["logits"], labels)
+    projections = objectives.l2_normalize(on1["projection"])
+    aux = dict(online_state=online_state, target_state=target_state, byol_loss=byol,
+               probe_loss=probe, probe_top1=hits["top1"] / jnp.maximum(jnp.sum(labels >= 0), 1),
+               # ~1 for spread-out projections, -> 0 under collapse.
+               projection_std=jnp.mean(jnp.std(projections, axis=0)) * jnp.sqrt(projection_dim))
+    return byol + probe, aux
+
+  def update(state: TrainState, batch):
+    key = jax.random.fold_in(state.rng, state.step)
+    key1, key2 = jax.random.split(key)
+    view1 = normalize(augment(batch["view1"], key1, 0))
+    view2 = normalize(augment(batch["view2"], key2, 1))
+    grads, aux = jax.grad(loss_fn, has_aux=True)(state.online_params, state, view1, view2,
+                                                 batch["label"])
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.online_params)
+    online_params = optax.apply_updates(state.online_params, updates)
+    tau = tau_fn(state.step)
+    target_params = optim.ema(state.target_params, networks_lib.target_subset(online_params), tau)
+    new_state = TrainState(step=state.step + 1, rng=state.rng, online_params=online_params,
+                           online_state=aux.pop("online_state"), target_params=target_params,
+                           target_state=aux.pop("target_state"), opt_state=opt_state)
+    metrics = dict(aux, loss=aux["byol_loss"] + aux["probe_loss"],
+                   learning_rate=lr_fn(state.step), tau=tau)
+    return new_state, metrics
+
+  repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(update, in_shardings=(repl, data), out_shardings=(repl, repl),
+                 donate_argnums=0)
+
+
+def make_embed_fn(nets: networks_lib.Networks, mesh):
+  """Jitted eval forward: images -> {embedding, projection, logits}, BN in inference mode."""
+
+  def embed(online_params, online_state, images):
+    out, _ = nets.online.apply(online_params, online_state, normalize(to_float_images(images)),
+                               False)
+    return {k: out[k] for k in ("embedding", "projection", "logits")}
+
+  repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(embed, in_shardings=(repl, repl, data), out_shardings=data)
