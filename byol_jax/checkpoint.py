@@ -20,7 +20,7 @@ from byol_jax.config_lib import ConfigError
 
 # What must match for a checkpoint's arrays to fit the model.
 _ARCH_FIELDS = ("depth", "width", "base_channels", "stem", "norm", "projector_hidden", "predictor_hidden",
-                "projection_dim")
+                "projection_dim", "use_predictor")
 
 
 def architecture(config) -> dict:

@@ -109,6 +109,8 @@ def finalize(config: ml_collections.ConfigDict, num_train_examples: int,
   if config.warmup_steps > config.steps:
     raise ConfigError(f"warmup_steps ({config.warmup_steps}) exceeds steps ({config.steps}); "
                       "lower --config.warmup_epochs or raise --config.epochs.")
+  if config.tau_schedule not in ("cosine", "constant"):
+    raise ConfigError(f"tau_schedule must be 'cosine' or 'constant', got {config.tau_schedule!r}.")
   if config.compute_dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got "
                       f"{config.compute_dtype!r}.")

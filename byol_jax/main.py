@@ -7,8 +7,10 @@ config can be overridden: `--config.optimizer.base_lr=0.3`.
 """
 
 import json
+import logging as std_logging
 import os
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -77,10 +79,18 @@ def _main(argv):
   if not _WORKDIR.value:
     raise config_lib.ConfigError("Missing --workdir: the directory for checkpoints, metrics "
                                  "and exports (e.g. --workdir=runs/demo).")
+  # Libraries (orbax above all) log every save at INFO; keep their warnings, drop the rest.
+  logging.get_absl_handler().addFilter(_OwnInfoOnly())
   from byol_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("Config:\n%s", _CONFIG.value)
   run_job(_JOB.value, _CONFIG.value, _WORKDIR.value)
+
+
+class _OwnInfoOnly(std_logging.Filter):
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or "byol_jax" in record.pathname
 
 
 def main():
@@ -95,9 +105,33 @@ def main():
     raise
   except Exception as e:  # pylint: disable=broad-except
     if not _is_user_error(e) or _TRACEBACK.value:
-      raise
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+      if not _is_distributed():
+        raise
+      traceback.print_exc()
+    else:
+      print(f"error: {e}", file=sys.stderr)
+    _exit(1)
+
+
+def _is_distributed() -> bool:
+  jax = sys.modules.get("jax")
+  return jax is not None and jax.distributed.is_initialized()
+
+
+def _exit(code: int) -> None:
+  """Exits; one process of a multi-process job leaves at once.
+
+  A normal interpreter exit waits at JAX's shutdown barrier for the other
+  processes, which are blocked in a collective of the step, until the shutdown
+  timeout, and then JAX aborts every process (SIGABRT), hiding which one failed
+  and why. Leaving at once keeps this exit status, and the others learn of it
+  from the coordination service (at once, or within its heartbeat timeout).
+  """
+  if _is_distributed():
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)
 
 
 def _is_user_error(e: Exception) -> bool:

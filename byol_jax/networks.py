@@ -56,8 +56,11 @@ def make_networks(model_config, num_classes: int) -> Networks:
   def online(images, is_training: bool):
     embedding = _encoder(model_config)(images, is_training)
     projection = _projector(model_config)(embedding, is_training)
-    prediction = MLP(model_config.predictor_hidden, model_config.projection_dim,
-                     "predictor")(projection, is_training)
+    if model_config.get("use_predictor", True):
+      prediction = MLP(model_config.predictor_hidden, model_config.projection_dim,
+                       "predictor")(projection, is_training)
+    else:  # the paper's ablation: without a predictor BYOL collapses
+      prediction = projection
     # The probe sees a stop-gradient copy: its loss can never shape the encoder.
     logits = hk.Linear(max(num_classes, 1), name="probe")(jax.lax.stop_gradient(embedding))
     return dict(embedding=embedding, projection=projection, prediction=prediction,

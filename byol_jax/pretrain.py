@@ -37,15 +37,9 @@ def create_state(config, nets, optimizer, mesh):
   return jax.jit(init, out_shardings=parallel.replicated(mesh))()
 
 
-def device_augment_fn(config):
-  from byol_jax import augment  # pylint: disable=g-import-not-at-top
-  views = (config.augment.view1, config.augment.view2)
-  return lambda images, key, view: augment.device_augment(images, key, views[view])
-
-
 def run(config, workdir: str, mesh=None) -> dict:
   """Pretrains (or resumes) in `workdir`; returns the last metrics."""
-  from byol_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from byol_jax import augment, input_pipeline  # pylint: disable=g-import-not-at-top
   mesh = mesh or parallel.make_mesh()
   config = prepare(config, mesh)
   chief = jax.process_index() == 0
@@ -65,7 +59,7 @@ def run(config, workdir: str, mesh=None) -> dict:
     with open(os.path.join(workdir, "config.json"), "w") as f:
       f.write(config.to_json_best_effort(indent=2))
 
-  update = train_step.make_update_fn(config, nets, optimizer, mesh, device_augment_fn(config))
+  update = train_step.make_update_fn(config, nets, optimizer, mesh, augment.make_augment_fn(config))
   embed = train_step.make_embed_fn(nets, mesh)
   reporter = reporting.Reporter(workdir, total_steps=config.steps, batch_size=config.batch_size,
                                 enabled=chief)

@@ -11,8 +11,6 @@ import os
 import time
 from typing import Dict, Optional
 
-from absl import logging
-
 PLOTTED = ("byol_loss", "learning_rate", "tau", "probe_top1", "eval/probe_top1", "eval/knn_top1",
            "projection_std")
 
@@ -53,7 +51,6 @@ class Reporter:
     else:
       eta_text = ""
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
-    logging.info("[%s] step %d/%d | %s%s", self.name, step, self.total_steps, shown, eta_text)
     print(f"[{self.name}] step {step}/{self.total_steps} | {shown}{eta_text}", flush=True)
     with open(self.jsonl_path, "a") as f:
       f.write(json.dumps({"step": step, **metrics}) + "\n")

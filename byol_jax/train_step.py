@@ -46,8 +46,11 @@ def schedules(config):
   lr = functools.partial(optim.learning_rate, base_lr=config.optimizer.base_lr,
                          batch_size=config.batch_size,
                          warmup_steps=config.warmup_steps, total_steps=config.steps)
-  tau = functools.partial(optim.target_decay, base_tau=config.base_tau,
-                          total_steps=config.steps)
+  if config.get("tau_schedule", "cosine") == "constant":
+    tau = lambda step: jnp.full((), config.base_tau, jnp.float32)
+  else:
+    tau = functools.partial(optim.target_decay, base_tau=config.base_tau,
+                            total_steps=config.steps)
   return lr, tau
 
 

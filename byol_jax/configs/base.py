@@ -36,6 +36,7 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.warmup_epochs = 10.0
   c.warmup_steps = -1                 # derived from warmup_epochs unless set
   c.base_tau = 0.996
+  c.tau_schedule = "cosine"           # "constant" keeps tau = base_tau (0.0: no EMA, an ablation)
   c.compute_dtype = "float32"         # "bfloat16": bf16 compute, fp32 params and optimizer
 
   c.model = ml_collections.ConfigDict(dict(
@@ -45,6 +46,7 @@ def get_base_config() -> ml_collections.ConfigDict:
       projector_hidden=4096, predictor_hidden=4096, projection_dim=256,
       # Speed option, off as in the paper: one BN batch for both views.
       merge_views_bn=False,
+      use_predictor=True,             # False: the paper's collapsing ablation
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
       base_lr=0.2, weight_decay=1.5e-6, momentum=0.9, eta=1e-3))
@@ -63,6 +65,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_train_examples=-1,          # derived from the source unless set
       shuffle_buffer=10_000,          # streaming (TFDS) sources only
       prefetch_batches=2,
+      # folder/zip sources: decode every file once at start-up to skip corrupt ones
+      # ("all"), only check extensions ("none"), or "all" up to 200k files ("auto").
+      verify_images="auto",
   ))
   c.augment = ml_collections.ConfigDict(dict(
       view1=view_config(blur_prob=1.0, solarize_prob=0.0),
