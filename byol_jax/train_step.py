@@ -87,8 +87,10 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh,
 
   `batch` holds `view1`, `view2` (uint8 or float, [B, H, W, 3]) and `label`
   (int32, -1 for unlabelled), sharded along the mesh's data axis. `augment`
-  takes (images, key, view_index) and returns float views in [0, 1]; its key is
-  split per example inside, so no two examples on any device share randomness.
+  takes (images, key, view_index) and returns float views in [0, 1]; it gets
+  one key per view and must split it per example of the global batch (as
+  `augment.device_augment` does), so no two examples on any device share
+  randomness and the result does not depend on the device count.
   """
   lr_fn, tau_fn = schedules(config)
   compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
