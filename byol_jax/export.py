@@ -206,15 +206,15 @@ def _encoder_layout(model_config) -> List[_ConvNorm]:
   """Every conv/norm pair of the encoder, in the order `resnet.ResNet` builds them."""
   check_model_config(model_config)
   kind, stage_sizes = resnet.ARCHITECTURES[model_config.depth]
-  w = model_config.width
+  c0 = base_channels(model_config) * model_config.width  # stem width
   norm = "bn" if model_config.norm == "batch" else "gn"
   stem_kernel = 7 if model_config.stem == "imagenet" else 3
   pairs = [_ConvNorm("encoder/conv1", f"encoder/bn1/{norm}", "conv1", "bn1",
-                     stem_kernel, 3, 64 * w)]
+                     stem_kernel, 3, c0)]
   expansion = 4 if kind == "bottleneck" else 1
-  in_channels = 64 * w
+  in_channels = c0
   for stage, num_blocks in enumerate(stage_sizes):
-    channels = 64 * w * 2**stage
+    channels = c0 * 2**stage
     for b in range(num_blocks):
       hk_block, tv_block = f"encoder/layer{stage + 1}_{b}", f"layer{stage + 1}.{b}"
       if kind == "basic":
@@ -382,10 +382,24 @@ def to_torchvision(params, state, model_config, *,
 # --------------------------------------------------------------------------- #
 
 
+def base_channels(model_config) -> int:
+  """Stem channels at width 1: 64 for every standard ResNet, less for CPU demo nets."""
+  return int(_get(model_config, "base_channels", 64))
+
+
+def _embedding_dim(model_config) -> int:
+  return resnet.embedding_dim(model_config.depth, model_config.width, base_channels(model_config))
+
+
 def architecture_name(model_config) -> str:
-  """"resnet50", or "resnet50_2x" for width 2 (our all-channel multiplier, not wide_resnet)."""
+  """"resnet50", "resnet50_2x" for width 2 (our all-channel multiplier, not wide_resnet),
+  "resnet18_base32" for a narrow demo net."""
   name = f"resnet{model_config.depth}"
-  return name if model_config.width == 1 else f"{name}_{model_config.width}x"
+  if model_config.width != 1:
+    name += f"_{model_config.width}x"
+  if base_channels(model_config) != 64:
+    name += f"_base{base_channels(model_config)}"
+  return name
 
 
 def torchvision_metadata(model_config, *, include_projector: bool = False) -> Dict[str, str]:
@@ -397,11 +411,12 @@ def torchvision_metadata(model_config, *, include_projector: bool = False) -> Di
       "architecture": architecture_name(model_config),
       "depth": str(model_config.depth),
       "width": str(model_config.width),
+      "base_channels": str(base_channels(model_config)),
       "stem": model_config.stem,
       "norm": model_config.norm,
       "torch_norm_layer": ("BatchNorm2d(eps=1e-5)" if model_config.norm == "batch"
                            else "GroupNorm(32, C, eps=1e-5); conv weights are pre-standardised"),
-      "embedding_dim": str(resnet.embedding_dim(model_config.depth, model_config.width)),
+      "embedding_dim": str(_embedding_dim(model_config)),
       "includes_projector": str(bool(include_projector)).lower(),
       "input_layout": "NCHW RGB, scaled to [0, 1], then (x - input_mean) / input_std",
       "input_mean": json.dumps(list(IMAGE_MEAN)),
@@ -470,7 +485,8 @@ def run_export(params, state, config, out_dir: str) -> Dict[str, str]:
                          "not torchvision's wide_resnet",
       "stem": model_config.stem,
       "norm": model_config.norm,
-      "embedding_dim": resnet.embedding_dim(model_config.depth, model_config.width),
+      "base_channels": base_channels(model_config),
+      "embedding_dim": _embedding_dim(model_config),
       "input_size": image_size,
       "input_normalization": {"mean": list(IMAGE_MEAN), "std": list(IMAGE_STD),
                               "applied_to": "RGB images scaled to [0, 1]"},

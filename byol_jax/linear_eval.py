@@ -65,8 +65,10 @@ def train_and_evaluate(config, pre_state, mesh, *, lr: float, weight_decay: floa
   size = config.data.image_size
 
   def init():
-    params, state = classifier.init(jax.random.PRNGKey(config.seed),
-                                    jnp.zeros((1, size, size, 3)), True)
+    # Haiku's BatchNorm can only be created in training mode; the fine-tuning
+    # variant has the same parameter tree, and the encoder part is replaced below.
+    params, _ = make_classifier(config.model, num_classes, True).init(
+        jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)), True)
     _, head = _split(params)
     encoder_params = networks.encoder_subset(pre_state.online_params)
     encoder_state = networks.encoder_subset(pre_state.online_state)

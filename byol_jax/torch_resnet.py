@@ -100,23 +100,25 @@ class ResNet(nn.Module):
 
   def __init__(self, block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int], *,
                width: int = 1, stem: str = "imagenet",
-               norm_layer: Optional[NormLayer] = None, num_classes: int = 0):
+               norm_layer: Optional[NormLayer] = None, num_classes: int = 0,
+               base_channels: int = 64):
     super().__init__()
     if stem not in ("imagenet", "cifar"):
       raise ValueError(f"Unknown stem {stem!r}; use 'imagenet' or 'cifar'.")
     self._norm_layer = norm_layer or nn.BatchNorm2d
-    self.inplanes = 64 * width
+    c0 = base_channels * width  # 64 in every standard ResNet
+    self.inplanes = c0
     imagenet = stem == "imagenet"
     self.conv1 = _conv(3, self.inplanes, 7, 2) if imagenet else _conv(3, self.inplanes, 3, 1)
     self.bn1 = self._norm_layer(self.inplanes)
     self.relu = nn.ReLU(inplace=True)
     self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1) if imagenet else nn.Identity()
-    self.layer1 = self._make_layer(block, 64 * width, layers[0], 1)
-    self.layer2 = self._make_layer(block, 128 * width, layers[1], 2)
-    self.layer3 = self._make_layer(block, 256 * width, layers[2], 2)
-    self.layer4 = self._make_layer(block, 512 * width, layers[3], 2)
+    self.layer1 = self._make_layer(block, c0, layers[0], 1)
+    self.layer2 = self._make_layer(block, 2 * c0, layers[1], 2)
+    self.layer3 = self._make_layer(block, 4 * c0, layers[2], 2)
+    self.layer4 = self._make_layer(block, 8 * c0, layers[3], 2)
     self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-    self.embedding_dim = 512 * width * block.expansion
+    self.embedding_dim = 8 * c0 * block.expansion
     self.fc = nn.Linear(self.embedding_dim, num_classes) if num_classes else nn.Identity()
 
   def _make_layer(self, block, planes: int, blocks: int, stride: int) -> nn.Sequential:
@@ -137,11 +139,11 @@ class ResNet(nn.Module):
 
 def group_norm(channels: int) -> nn.GroupNorm:
   """The norm layer of `norm="group_ws"` exports (32 groups, as in the Haiku encoder)."""
-  return nn.GroupNorm(32, channels, eps=1e-5)
+  return nn.GroupNorm(min(32, channels), channels, eps=1e-5)
 
 
 def resnet(depth: int, *, width: int = 1, stem: str = "imagenet", norm: str = "batch",
-           num_classes: int = 0) -> ResNet:
+           num_classes: int = 0, base_channels: int = 64) -> ResNet:
   """The torch twin of `byol_jax.resnet.ResNet(depth, width, stem, norm)`.
 
   For `norm="group_ws"` the convolutions are plain: the export has already folded
@@ -155,7 +157,8 @@ def resnet(depth: int, *, width: int = 1, stem: str = "imagenet", norm: str = "b
   kind, layers = _LAYOUTS[depth]
   block = BasicBlock if kind == "basic" else Bottleneck
   return ResNet(block, layers, width=width, stem=stem, num_classes=num_classes,
-                norm_layer=group_norm if norm == "group_ws" else nn.BatchNorm2d)
+                norm_layer=group_norm if norm == "group_ws" else nn.BatchNorm2d,
+                base_channels=base_channels)
 
 
 def projector(in_features: int, hidden: int, out_features: int) -> nn.Sequential:
@@ -179,7 +182,7 @@ def load_safetensors(path: str) -> ResNet:
     meta = f.metadata() or {}
   try:
     model = resnet(int(meta["depth"]), width=int(meta["width"]), stem=meta["stem"],
-                   norm=meta["norm"])
+                   norm=meta["norm"], base_channels=int(meta.get("base_channels", 64)))
   except KeyError as e:
     raise ValueError(f"{path} has no {e.args[0]!r} metadata; it was not written by "
                      "byol_jax.export.save_torchvision_safetensors.") from None

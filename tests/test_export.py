@@ -42,9 +42,10 @@ TRAIN_STEPS = 3
 PROJ_HIDDEN, PROJ_DIM = 32, 16
 
 
-def model_config(depth=18, width=1, stem="imagenet", norm="batch"):
+def model_config(depth=18, width=1, stem="imagenet", norm="batch", base_channels=64):
   return ml_collections.ConfigDict(dict(
       depth=depth, width=width, stem=stem, norm=norm, zero_init_residual=False,
+      base_channels=base_channels,
       projector_hidden=PROJ_HIDDEN, predictor_hidden=PROJ_HIDDEN, projection_dim=PROJ_DIM))
 
 
@@ -87,9 +88,9 @@ def random_init(online, size, seed):
 
 
 @functools.lru_cache(maxsize=None)
-def trained(depth=18, width=1, stem="imagenet", norm="batch", size=64):
+def trained(depth=18, width=1, stem="imagenet", norm="batch", size=64, base_channels=64):
   """(config, online transform, params, state) after a few training-mode forwards."""
-  mc = model_config(depth, width, stem, norm)
+  mc = model_config(depth, width, stem, norm, base_channels)
   online = networks.make_networks(mc, num_classes=10).online
   params, state = random_init(online, size, seed=depth + width)
   train_forward = jax.jit(lambda p, s, x: online.apply(p, s, x, True)[1])
@@ -288,6 +289,20 @@ def test_run_export_files_load_in_torch(tmp_path):
   assert loaded.byol_metadata["input_mean"] == list(IMAGE_MEAN)
   assert loaded.byol_metadata["stem"] == "imagenet" and loaded.byol_metadata["width"] == "2"
   assert_matches_jax(loaded, online, params, state, images, "projection")
+
+
+@pytest.mark.parametrize("norm", ["batch", "group_ws"])
+def test_narrow_demo_net_round_trips_through_metadata(tmp_path, norm):
+  """base_channels < 64 (the CPU demo nets; GroupNorm then has fewer groups) exports exactly."""
+  mc, online, params, state = trained(18, 1, "cifar", norm, 32, base_channels=16)
+  config = ml_collections.ConfigDict(dict(
+      model=mc, export=dict(include_projector=False), data=dict(image_size=32)))
+  paths = export.run_export(params, state, config, str(tmp_path))
+  info = json.loads((tmp_path / "export.json").read_text())
+  assert info["architecture"] == "resnet18_base16" and info["embedding_dim"] == 128
+  loaded = torch_resnet.load_safetensors(paths["safetensors"])
+  assert loaded.conv1.out_channels == 16
+  assert_matches_jax(loaded, online, params, state, normalised_images(7, 32))
 
 
 def test_safetensors_without_projector(tmp_path):
