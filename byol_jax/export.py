@@ -19,17 +19,15 @@ torch export is a renaming plus layout changes (conv HWIO -> OIHW, linear
 [in, out] -> [out, in], BatchNorm `[1, .., C]` -> `[C]`).
 """
 
-import contextlib
 import json
 import os
-import tempfile
-from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Tuple
 
 import jax
 import numpy as np
 import safetensors.numpy
 
-from byol_jax import resnet
+from byol_jax import fileio, resnet
 from byol_jax.train_step import IMAGE_MEAN, IMAGE_STD
 
 ENCODER = "encoder"
@@ -74,29 +72,6 @@ def _leaf(tree: Mapping[str, Mapping[str, Any]], module: str, name: str, what: s
 
 def _modules_under(tree: Mapping[str, Any], prefix: str) -> List[str]:
   return sorted(m for m in tree if m == prefix or m.startswith(prefix + "/"))
-
-
-@contextlib.contextmanager
-def _atomic_path(path: str) -> Iterator[str]:
-  """Yields a temporary path beside `path`, moved onto `path` only once fully written.
-
-  A reader (or a resumed run) therefore sees the old file or the complete new
-  one, never a truncated file, even if the writer dies midway.
-  """
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    yield tmp
-    with open(tmp, "rb") as f:  # the data must be on disk before the rename is
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the export from other users
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
 
 
 # --------------------------------------------------------------------------- #
@@ -156,7 +131,7 @@ def export_npz(params, state, path: str, *, include_projector: bool = False) -> 
 
 
 def _write_npz(flat: Mapping[str, np.ndarray], path: str) -> str:
-  with _atomic_path(path) as tmp:
+  with fileio.atomic_local_path(path) as tmp:
     # A file object, not a name: np.savez would append ".npz" to the temp name.
     with open(tmp, "wb") as f:
       np.savez(f, **flat)
@@ -434,7 +409,7 @@ def save_torchvision_safetensors(params, state, model_config, path: str, *,
   """
   tensors = to_torchvision(params, state, model_config, include_projector=include_projector)
   metadata = torchvision_metadata(model_config, include_projector=include_projector)
-  with _atomic_path(path) as tmp:
+  with fileio.atomic_local_path(path) as tmp:
     safetensors.numpy.save_file(tensors, tmp, metadata=metadata)
   return path
 
@@ -449,7 +424,7 @@ def _get(config, name: str, default=None):
 
 
 def _write_json(obj, path: str) -> str:
-  with _atomic_path(path) as tmp:
+  with fileio.atomic_local_path(path) as tmp:
     with open(tmp, "w") as f:
       json.dump(obj, f, indent=2, sort_keys=True)
       f.write("\n")

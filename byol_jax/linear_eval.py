@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from byol_jax import checkpoint, networks, objectives, parallel, pretrain, reporting, train_step
+from byol_jax import checkpoint, fileio, networks, objectives, parallel, pretrain, reporting, train_step
 
 
 class LinearState(NamedTuple):
@@ -179,7 +179,5 @@ def run(config, workdir: str, pretrained_workdir: str, mesh) -> dict:
   print(f"[{name}] test top-1 {best['test_top1']:.4f} top-5 {best['test_top5']:.4f} "
         f"(lr={best['lr']:g}, weight_decay={best['weight_decay']:g})", flush=True)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, f"{name}_results.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    fileio.write_text(os.path.join(workdir, f"{name}_results.json"), json.dumps(summary, indent=2))
   return best

@@ -18,6 +18,8 @@ from ml_collections import config_flags
 from byol_jax import config_lib
 
 JOBS = ("pretrain", "linear_eval", "knn", "export")
+# 128 + SIGTERM, as a shell reports a job ended by it: schedulers treat it as "requeue".
+PREEMPTED_EXIT_CODE = 143
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Named config (" + ", ".join(config_lib.available()) +
@@ -68,9 +70,8 @@ def _write_result(workdir, name, metrics):
   import jax  # pylint: disable=g-import-not-at-top
   print(f"[{name}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, f"{name}_results.json"), "w") as f:
-      json.dump(metrics, f, indent=2)
+    from byol_jax import fileio  # pylint: disable=g-import-not-at-top
+    fileio.write_text(os.path.join(workdir, f"{name}_results.json"), json.dumps(metrics, indent=2))
 
 
 def _main(argv):
@@ -84,7 +85,11 @@ def _main(argv):
   from byol_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   logging.info("Config:\n%s", _CONFIG.value)
-  run_job(_JOB.value, _CONFIG.value, _WORKDIR.value)
+  result = run_job(_JOB.value, _CONFIG.value, _WORKDIR.value)
+  if isinstance(result, dict) and "preempted_at_step" in result:
+    print(f"Preempted at step {result['preempted_at_step']}; the checkpoint is saved. Rerun the "
+          "same command to resume.", file=sys.stderr)
+    sys.exit(PREEMPTED_EXIT_CODE)
 
 
 class _OwnInfoOnly(std_logging.Filter):

@@ -6,19 +6,45 @@ loop itself is short on purpose: the step is `train_step.update`, the data is
 resuming only needs the TrainState), and checkpoints are `checkpoint.Checkpointer`.
 """
 
+import contextlib
 import functools
 import os
+import signal
+import threading
 
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from byol_jax import checkpoint, config_lib, evaluation, networks, parallel, reporting
+from byol_jax import checkpoint, config_lib, evaluation, fileio, networks, parallel, reporting
 from byol_jax import train_step
 
 
 class NonFiniteLossError(RuntimeError):
   pass
+
+
+@contextlib.contextmanager
+def preemption_watch():
+  """Yields `preempted(step) -> bool`: True once SIGTERM asked this job to stop.
+
+  SIGTERM is what SLURM, Kubernetes and spot/preemptible VMs send before they
+  kill a job. In a multi-process job JAX's runtime catches it and agrees with
+  every process on the step to stop at; a lone process watches for it here.
+  """
+  if jax.process_count() > 1:
+    yield multihost_utils.reached_preemption_sync_point
+    return
+  if threading.current_thread() is not threading.main_thread():
+    yield lambda step: False
+    return
+  flag = threading.Event()
+  previous = signal.signal(signal.SIGTERM, lambda *_: flag.set())
+  try:
+    yield lambda step: flag.is_set()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def prepare(config, mesh):
@@ -55,9 +81,7 @@ def run(config, workdir: str, mesh=None) -> dict:
     logging.info("Resumed from the checkpoint at step %d.", start)
   start = start or 0
   if chief:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    fileio.write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
   update = train_step.make_update_fn(config, nets, optimizer, mesh, augment.make_augment_fn(config))
   embed = train_step.make_embed_fn(nets, mesh)
@@ -82,24 +106,31 @@ def run(config, workdir: str, mesh=None) -> dict:
   pending = []  # (step, device metrics) not yet checked or reported
   last = {}
   reporter.start_timer(start)
-  for step in range(start, config.steps):
-    state, metrics = update(state, parallel.to_global(next(batches), mesh))
-    pending.append((step, metrics))
-    done = step + 1
-    final = done == config.steps
-    if done % config.log_every_steps == 0 or final or done % config.checkpoint.every_steps == 0:
-      # Checked before any save, so a checkpoint never holds a diverged state.
-      last = _check_and_average(pending, done)
-      pending = []
-      if done % config.log_every_steps == 0 or final:
-        reporter.write(done, last)
-    if done % config.checkpoint.every_steps == 0 or final:
-      ckpt.save(done, state, meta)
-    if _eval_due(config.eval.every_steps, done, final):
-      eval_metrics = run_eval(state)
-      reporter.write(done, eval_metrics, timed=False)
-      reporter.start_timer(done)  # evaluation time is not training speed
-      last.update(eval_metrics)
+  with preemption_watch() as preempted:
+    for step in range(start, config.steps):
+      state, metrics = update(state, parallel.to_global(next(batches), mesh))
+      pending.append((step, metrics))
+      done = step + 1
+      final = done == config.steps
+      if not final and preempted(done):
+        last = {**_check_and_average(pending, done), "preempted_at_step": done}
+        ckpt.save(done, state, meta)
+        logging.warning("Preempted: saved a checkpoint at step %d; rerun the same command to "
+                        "resume.", done)
+        break
+      if done % config.log_every_steps == 0 or final or done % config.checkpoint.every_steps == 0:
+        # Checked before any save, so a checkpoint never holds a diverged state.
+        last = _check_and_average(pending, done)
+        pending = []
+        if done % config.log_every_steps == 0 or final:
+          reporter.write(done, last)
+      if done % config.checkpoint.every_steps == 0 or final:
+        ckpt.save(done, state, meta)
+      if _eval_due(config.eval.every_steps, done, final):
+        eval_metrics = run_eval(state)
+        reporter.write(done, eval_metrics, timed=False)
+        reporter.start_timer(done)  # evaluation time is not training speed
+        last.update(eval_metrics)
   ckpt.close()
   reporter.plot()
   return last

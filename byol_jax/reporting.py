@@ -11,6 +11,8 @@ import os
 import time
 from typing import Dict, Optional
 
+from byol_jax import fileio
+
 PLOTTED = ("byol_loss", "learning_rate", "tau", "probe_top1", "eval/probe_top1", "eval/knn_top1",
            "projection_std")
 
@@ -27,7 +29,7 @@ class Reporter:
     self._writer = None
     self._last: Optional[tuple] = None  # (time, step) at the last timed report
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
+      fileio.makedirs(workdir)
       import tensorflow as tf  # pylint: disable=g-import-not-at-top
       self._tf = tf
       self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
@@ -52,8 +54,7 @@ class Reporter:
       eta_text = ""
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
     print(f"[{self.name}] step {step}/{self.total_steps} | {shown}{eta_text}", flush=True)
-    with open(self.jsonl_path, "a") as f:
-      f.write(json.dumps({"step": step, **metrics}) + "\n")
+    fileio.append_text(self.jsonl_path, json.dumps({"step": step, **metrics}) + "\n")
     with self._writer.as_default():
       for k, v in metrics.items():
         self._tf.summary.scalar(k, v, step=step)
@@ -61,7 +62,7 @@ class Reporter:
 
   def plot(self, path: Optional[str] = None) -> Optional[str]:
     """Draws the curves of metrics.jsonl into a PNG; returns its path."""
-    if not self.enabled or not os.path.exists(self.jsonl_path):
+    if not self.enabled or not fileio.exists(self.jsonl_path):
       return None
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
@@ -79,14 +80,14 @@ class Reporter:
       ax.grid(alpha=0.3)
     fig.tight_layout()
     path = path or os.path.join(self.workdir, f"{self.name}_curves.png")
-    fig.savefig(path, dpi=100)
+    with fileio.atomic_local_path(path) as tmp:
+      fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 
 
 def read_jsonl(path: str):
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]
 
 
 def _fmt(v: float) -> str:

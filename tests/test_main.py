@@ -176,3 +176,30 @@ def test_knn_without_pretraining_says_what_to_do(tmp_path):
   result = run_cli(tmp_path, "--job=knn")
   assert result.returncode != 0
   assert "No pretraining checkpoint" in result.stderr
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
+  """Preemption: SIGTERM mid-run saves the current step (off the checkpoint schedule), exits 143,
+  and the rerun resumes from exactly that step."""
+  workdir = str(tmp_path / "preempted")
+  extra = {"steps": 400, "checkpoint.every_steps": 1000, "log_every_steps": 1,
+           "eval.every_steps": -1}
+  proc = subprocess.Popen(cli(workdir, **extra), env={**os.environ, "PYTHONPATH": REPO},
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics = os.path.join(workdir, "pretrain_metrics.jsonl")
+  deadline = time.time() + 600
+  while proc.poll() is None and time.time() < deadline and not (
+      os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2):
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == main.PREEMPTED_EXIT_CODE, stderr[-3000:]
+  assert "Preempted at step" in stderr
+  step = int(stderr.split("Preempted at step ")[1].split(";")[0])
+  assert 2 <= step < 400
+  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
+  assert saved == [step]
+
+  result = run_cli(workdir, **{**extra, "steps": step + 2})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert f"Resumed from the checkpoint at step {step}" in result.stderr
