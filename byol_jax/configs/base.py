@@ -93,3 +93,23 @@ def get_base_config() -> ml_collections.ConfigDict:
   ))
   c.export = ml_collections.ConfigDict(dict(include_projector=False))
   return c
+
+
+def get_small_images_config() -> ml_collections.ConfigDict:
+  """ResNet-18 with the small-dataset BYOL recipe (solo-learn's CIFAR hyper-parameters).
+
+  Batch 256, LARS with lr 1.0 and eta 0.02, weight decay 1e-5, tau 0.99 -> 1;
+  linear evaluation at batch 256, lr 0.1, 100 epochs. CIFAR, STL-10,
+  Imagenette, custom folders and the demo start from here.
+  """
+  c = get_base_config()
+  c.batch_size = 256
+  c.base_tau = 0.99
+  c.optimizer.base_lr = 1.0
+  c.optimizer.weight_decay = 1e-5
+  c.optimizer.eta = 0.02
+  c.model.depth = 18
+  c.linear_eval.epochs = 100.0
+  c.linear_eval.batch_size = 256
+  c.linear_eval.base_lr = 0.1
+  return c

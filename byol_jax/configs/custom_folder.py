@@ -12,14 +12,8 @@ from byol_jax.configs import base
 
 
 def get_config():
-  c = base.get_base_config()
-  c.batch_size = 256
+  c = base.get_small_images_config()
   c.epochs = 300.0
-  c.base_tau = 0.99
-  c.optimizer.base_lr = 1.0
-  c.optimizer.weight_decay = 1e-5
-  c.optimizer.eta = 0.02
-  c.model.depth = 18
   c.data.source = "folder"
   c.data.path = None                  # required: --config.data.path=...
   c.data.train_split = "train"

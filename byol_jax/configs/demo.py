@@ -10,15 +10,10 @@ from byol_jax.configs import base
 
 
 def get_config():
-  c = base.get_base_config()
+  c = base.get_small_images_config()
   c.batch_size = 64
   c.epochs = 1.0
   c.warmup_epochs = 0.2
-  c.base_tau = 0.99
-  c.optimizer.base_lr = 1.0
-  c.optimizer.weight_decay = 1e-5
-  c.optimizer.eta = 0.02
-  c.model.depth = 18
   c.model.stem = "cifar"
   c.model.base_channels = 32          # a half-width ResNet-18, so a CPU gets through it
   c.model.projector_hidden = 512
@@ -38,5 +33,4 @@ def get_config():
   c.log_every_steps = 5
   c.linear_eval.epochs = 2.0
   c.linear_eval.batch_size = 64
-  c.linear_eval.base_lr = 0.1
   return c

@@ -10,15 +10,9 @@ from byol_jax.configs import base
 
 
 def get_config():
-  c = base.get_base_config()
-  c.batch_size = 256
+  c = base.get_small_images_config()
   c.epochs = 1000.0
   c.warmup_epochs = 10.0
-  c.base_tau = 0.99
-  c.optimizer.base_lr = 1.0
-  c.optimizer.weight_decay = 1e-5
-  c.optimizer.eta = 0.02
-  c.model.depth = 18
   c.model.stem = "cifar"
   c.data.source = "tfds"
   c.data.name = "cifar10"
@@ -30,7 +24,4 @@ def get_config():
   for view in (c.augment.view1, c.augment.view2):
     view.blur_prob = 0.0  # blurring a 32x32 image destroys it; solo-learn turns it off
   c.eval.every_steps = 10_000
-  c.linear_eval.epochs = 100.0
-  c.linear_eval.batch_size = 256
-  c.linear_eval.base_lr = 0.1
   return c

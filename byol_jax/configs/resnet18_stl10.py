@@ -4,14 +4,8 @@ from byol_jax.configs import base
 
 
 def get_config():
-  c = base.get_base_config()
-  c.batch_size = 256
+  c = base.get_small_images_config()
   c.epochs = 400.0
-  c.base_tau = 0.99
-  c.optimizer.base_lr = 1.0
-  c.optimizer.weight_decay = 1e-5
-  c.optimizer.eta = 0.02
-  c.model.depth = 18
   c.model.stem = "imagenet"
   c.data.source = "tfds"
   c.data.name = "stl10"
@@ -21,8 +15,4 @@ def get_config():
   c.data.image_size = 96
   c.data.eval_crop_fraction = 1.0
   c.eval.every_steps = 5000
-  c.linear_eval.pretrained_workdir = None
-  c.linear_eval.batch_size = 256
-  c.linear_eval.base_lr = 0.1
-  c.linear_eval.epochs = 100.0
   return c
