@@ -89,6 +89,14 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
+  # As a context manager it closes on any exit: an error must not abandon a
+  # save in flight, or the last good checkpoint would never be committed.
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
 
 def abstract(tree):
   """Shapes, dtypes and shardings of a pytree of arrays, for restoring into it."""

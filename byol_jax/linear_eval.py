@@ -123,19 +123,19 @@ def train_and_evaluate(config, pre_state, mesh, *, lr: float, weight_decay: floa
       process_count=jax.process_count(), label_fraction=le.label_fraction)
   reporter.start_timer(start)
   every = max(1, min(config.log_every_steps, steps))
-  for step in range(start, steps):
-    state, metrics = update(state, parallel.to_global(next(batches), mesh))
-    done = step + 1
-    if done % every == 0 or done == steps:
-      metrics = parallel.fetch(metrics)
-      if not np.isfinite(metrics["loss"]):
-        raise pretrain.NonFiniteLossError(
-            f"The linear-evaluation loss became {metrics['loss']} at step {done}; lower "
-            "--config.linear_eval.base_lr.")
-      reporter.write(done, metrics)
-    if done % config.checkpoint.every_steps == 0 or done == steps:
-      ckpt.save(done, state, {"lr": lr, "weight_decay": weight_decay})
-  ckpt.close()
+  with ckpt:
+    for step in range(start, steps):
+      state, metrics = update(state, parallel.to_global(next(batches), mesh))
+      done = step + 1
+      if done % every == 0 or done == steps:
+        metrics = parallel.fetch(metrics)
+        if not np.isfinite(metrics["loss"]):
+          raise pretrain.NonFiniteLossError(
+              f"The linear-evaluation loss became {metrics['loss']} at step {done}; lower "
+              "--config.linear_eval.base_lr.")
+        reporter.write(done, metrics)
+      if done % config.checkpoint.every_steps == 0 or done == steps:
+        ckpt.save(done, state, {"lr": lr, "weight_decay": weight_decay})
 
   def accuracy(split):
     hits = {"top1": 0, "top5": 0}

@@ -106,7 +106,7 @@ def run(config, workdir: str, mesh=None) -> dict:
   pending = []  # (step, device metrics) not yet checked or reported
   last = {}
   reporter.start_timer(start)
-  with preemption_watch() as preempted:
+  with ckpt, preemption_watch() as preempted:
     for step in range(start, config.steps):
       state, metrics = update(state, parallel.to_global(next(batches), mesh))
       pending.append((step, metrics))
@@ -131,7 +131,6 @@ def run(config, workdir: str, mesh=None) -> dict:
         reporter.write(done, eval_metrics, timed=False)
         reporter.start_timer(done)  # evaluation time is not training speed
         last.update(eval_metrics)
-  ckpt.close()
   reporter.plot()
   return last
 
