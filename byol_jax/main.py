@@ -63,6 +63,7 @@ def run_job(job: str, config, workdir: str) -> dict:
   paths = {}
   if jax.process_index() == 0:
     paths = export.run_export(params, net_state, config, os.path.join(workdir, "export"))
+    print("[export] " + " ".join(f"{k}={v}" for k, v in paths.items()), flush=True)
   return paths
 
 
