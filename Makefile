@@ -1,24 +1,34 @@
 # One-liners that set themselves up: `make demo` and `make test` create .venv on first use.
+# The demo installs requirements.txt only; the tests add requirements-dev.txt (pytest, torch).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
+DEMO := $(PY) -m byol_jax.main --config=demo --workdir=$(WORKDIR)
 
 .PHONY: demo test bench clean
 
-$(VENV)/installed: requirements.txt requirements-dev.txt setup.py
+$(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/installed-demo: requirements.txt setup.py | $(PY)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+$(VENV)/installed-test: requirements.txt requirements-dev.txt setup.py | $(PY)
 	$(PY) -m pip install -q -r requirements-dev.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
-demo: $(VENV)/installed
-	$(PY) -m byol_jax.main --config=demo --workdir=$(WORKDIR)
-	$(PY) -m byol_jax.main --config=demo --workdir=$(WORKDIR) --job=linear_eval
-	$(PY) -m byol_jax.main --config=demo --workdir=$(WORKDIR) --job=export
+# Pretrain, export, then the evidence: BYOL vs random init, and where the files are.
+demo: $(VENV)/installed-demo
+	$(DEMO)
+	$(DEMO) --job=export
+	$(DEMO) --job=compare
 
-test: $(VENV)/installed
+test: $(VENV)/installed-test
 	$(PY) -m pytest tests -q -ra --durations=15
 
 clean:

@@ -19,8 +19,9 @@ setup(
     package_data={"byol_jax": ["assets/*"]},
     install_requires=REQUIREMENTS,
     extras_require={
-        "cuda12": ["jax[cuda12]>=0.10.0,<0.11"],
-        "tpu": ["jax[tpu]>=0.10.0,<0.11"],
+        "cuda12": ["jax[cuda12]>=0.10.0,<0.12"],
+        "cuda13": ["jax[cuda13]>=0.10.0,<0.12"],
+        "tpu": ["jax[tpu]>=0.10.0,<0.12"],
         "torch": ["torch>=2.1"],
         "dev": ["pytest>=8.0", "torch==2.13.0"],
     },

@@ -18,7 +18,7 @@ busy machine where wall-clock time does not. Wall-clock rates are printed too.
 
 It also measures the colour ops (jitter, grayscale, blur, solarize) both ways:
 in TF on the host (per-image CPU cost that would be added to the pipeline) and
-in JAX via `augment.device_augment` (here on this machine's CPU backend; on an
+in JAX via `device_augment.device_augment` (here on this machine's CPU backend; on an
 accelerator they run inside the update step).
 """
 
@@ -37,7 +37,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from byol_jax import augment, input_pipeline  # noqa: E402
+from byol_jax import device_augment, input_pipeline, tf_import  # noqa: E402
 from byol_jax.configs import base  # noqa: E402
 
 DEFAULT_ZIP = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10", "cifar10_jpeg.zip")
@@ -87,7 +87,7 @@ def measure(iterator, batches: int, warmup: int, images_per_batch: int):
 
 
 def host_pipeline(path: str, size: int, batch: int, threads: int, batches: int):
-  tf = augment.import_tensorflow()
+  tf = tf_import.import_tensorflow()
   cfg = pipeline_config(path, size, batch)
   ds = input_pipeline.pretrain_dataset(cfg, start_step=0, process_index=0, process_count=1)
   options = tf.data.Options()
@@ -100,7 +100,7 @@ def host_pipeline(path: str, size: int, batch: int, threads: int, batches: int):
 
 def tf_color_ops(image, seed, cfg):
   """TF version of the device ops for one uint8 view (same distribution as device_augment)."""
-  tf = augment.import_tensorflow()
+  tf = tf_import.import_tensorflow()
   s = tf.random.experimental.stateless_split(seed, 10)
   coin = lambda i, p: tf.random.stateless_uniform([], s[i]) < p
   uniform = lambda i, lo, hi: tf.random.stateless_uniform([], s[i], minval=lo, maxval=hi)
@@ -121,7 +121,7 @@ def tf_color_ops(image, seed, cfg):
     return x
 
   def blur(x):
-    radius = augment.blur_kernel_radius(int(x.shape[0]))
+    radius = device_augment.blur_kernel_radius(int(x.shape[0]))
     sigma = uniform(8, *cfg.blur_sigma)
     offsets = tf.range(-radius, radius + 1, dtype=tf.float32)
     k = tf.exp(-0.5 * tf.square(offsets / sigma))
@@ -144,7 +144,7 @@ def tf_color_ops(image, seed, cfg):
 
 def host_color_cost(size: int, batch: int, threads: int, batches: int):
   """Two-view images per CPU-second of the colour ops alone, in tf.data on the host."""
-  tf = augment.import_tensorflow()
+  tf = tf_import.import_tensorflow()
   cfg = base.get_base_config().augment
   views = np.random.default_rng(0).integers(0, 256, (64, 2, size, size, 3), np.uint8)
 
@@ -167,7 +167,7 @@ def device_cost(size: int, batch: int, repeats: int):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   cfg = base.get_base_config()
-  fn = augment.make_augment_fn(cfg)
+  fn = device_augment.make_augment_fn(cfg)
 
   @jax.jit
   def both(images, key):
@@ -215,7 +215,7 @@ def pil_baseline(path: str, size: int, count: int = 200):
 
 def micro(path: str, size: int, repeats: int = 200):
   """CPU ms of the single ops the 224 px host path is made of, on one JPEG."""
-  tf = augment.import_tensorflow()
+  tf = tf_import.import_tensorflow()
   files = sorted(os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs)
   data = tf.constant(open(files[0], "rb").read())
   image = tf.io.decode_jpeg(data, channels=3)

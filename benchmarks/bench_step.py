@@ -21,14 +21,25 @@ For a named config and batch size it prints (and with --json writes):
 
 Timings are the median of --repeats windows of >= --seconds each (the
 fastest and slowest window's images/s are printed too), by wall-clock time and
-by this process's CPU time (user + system, all threads). On a shared machine
-wall-clock rates move with the other processes; the CPU-time rates much less.
-The load average is printed at the start and the end.
+by this process's CPU time (user + system, all threads); --steps=N instead
+times N single steps (after one warm-up step), for large nets on small
+machines. On a shared machine wall-clock rates move with the other processes;
+the CPU-time rates much less. The load average is printed at the start and the
+end. Each figure is printed as soon as it is measured.
+
+--input picks what the step is fed: `views` (default), the two host views of
+the tf.data path, or `arrays`, raw uint8 images of --source_size px from which
+the step itself cuts both views (`device_crop`: the in-memory path). The
+augmentation's own time (crop when on the device, and the colour ops, both
+views, jitted alone) is printed as `augment_s` and its share of the step;
+--no_augment times the step with the augmentation left out entirely.
 
   python benchmarks/bench_step.py --config=demo --batch_size=64
   python benchmarks/bench_step.py --config=resnet18_cifar10 --batch_size=32
   python benchmarks/bench_step.py --config=demo --merge_views_bn --compute_dtype=bfloat16
   python benchmarks/bench_step.py --config=demo --devices=8   # 8 simulated CPU devices
+  python benchmarks/bench_step.py --config=demo --input=arrays --source_size=32
+  python benchmarks/bench_step.py --config=resnet50_imagenet --batch_size=16 --steps=2
 
 With --devices=N > 1 on a CPU-only machine the script sets
 `--xla_force_host_platform_device_count=N` itself (or give it in XLA_FLAGS);
@@ -56,10 +67,12 @@ def _set_host_devices(count: int) -> None:
 
 
 def matmul_peak(dtype, seconds: float = 2.0, n: int = 2048) -> tuple:
-  """(FLOP/s, FLOP per CPU-second) of an n x n matmul: a practical peak for this machine."""
+  """(FLOP/s, FLOP per CPU-second) of an n x n matmul: a practical peak for this machine.
+
+  On random data: some chips multiply constant matrices measurably faster.
+  """
   import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  a = jnp.ones((n, n), dtype)
+  a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   count, start, cpu = 0, time.perf_counter(), time.process_time()
@@ -70,36 +83,40 @@ def matmul_peak(dtype, seconds: float = 2.0, n: int = 2048) -> tuple:
   return flops / (time.perf_counter() - start), flops / (time.process_time() - cpu)
 
 
-def time_update(compiled, state, batch, min_seconds: float, repeats: int, min_iters: int = 3):
-  """Times the update step in `repeats` windows of >= min_seconds each.
+def time_update(compiled, state, batch, min_seconds: float, repeats: int, min_iters: int = 3,
+                steps=None):
+  """Times the update step in `repeats` windows of >= min_seconds each, or in
+  `steps` windows of exactly one step.
 
   The (donated) state is threaded from step to step; one untimed step first.
   Returns ([(wall s per step, CPU s per step) per window], final state). CPU
   time is this process's user + system time, all threads.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  state, metrics = compiled(state, batch)
-  jax.block_until_ready(metrics)
-  windows = []
-  for _ in range(repeats):
-    count, start, cpu = 0, time.perf_counter(), time.process_time()
-    while count < min_iters or time.perf_counter() - start < min_seconds:
-      state, metrics = compiled(state, batch)
-      count += 1
-    jax.block_until_ready((state, metrics))
-    windows.append(((time.perf_counter() - start) / count, (time.process_time() - cpu) / count))
-  return windows, state
+  holder = [state]
+
+  def step():
+    holder[0], metrics = compiled(holder[0], batch)
+    return holder[0], metrics
+
+  windows = _time_windows(step, min_seconds, repeats, min_iters, steps)
+  return windows, holder[0]
 
 
-def time_call(fn, args, min_seconds: float, repeats: int, min_iters: int = 3):
+def time_call(fn, args, min_seconds: float, repeats: int, min_iters: int = 3, steps=None):
   """Like time_update, for a function that does not donate its arguments."""
+  return _time_windows(lambda: fn(*args), min_seconds, repeats, min_iters, steps)
+
+
+def _time_windows(call, min_seconds, repeats, min_iters, steps):
   import jax  # pylint: disable=g-import-not-at-top
-  jax.block_until_ready(fn(*args))
+  jax.block_until_ready(call())
+  if steps:  # a bound on the work: `steps` windows of one call each
+    min_seconds, repeats, min_iters = 0.0, steps, 1
   windows = []
   for _ in range(repeats):
     count, start, cpu = 0, time.perf_counter(), time.process_time()
     while count < min_iters or time.perf_counter() - start < min_seconds:
-      out = fn(*args)
+      out = call()
       count += 1
     jax.block_until_ready(out)
     windows.append(((time.perf_counter() - start) / count, (time.process_time() - cpu) / count))
@@ -198,24 +215,40 @@ def parse_args(argv):
   parser.add_argument("--compute_dtype", default=None, choices=("float32", "bfloat16"))
   parser.add_argument("--merge_views_bn", action="store_true",
                       help="one BN batch for both views (speed option)")
+  parser.add_argument("--input", default="views", choices=INPUTS,
+                      help="views: host-cut views (tf.data path); arrays: raw images that the "
+                      "step crops (in-memory path)")
+  parser.add_argument("--source_size", type=int, default=None,
+                      help="side of the raw images with --input=arrays (default: image size)")
+  parser.add_argument("--no_augment", action="store_true",
+                      help="leave the colour ops out of the step (--input=arrays still crops)")
   parser.add_argument("--seconds", type=float, default=5.0,
                       help="minimum length of one timing window")
   parser.add_argument("--repeats", type=int, default=3,
                       help="timing windows per measurement; the median is reported")
+  parser.add_argument("--steps", type=int, default=None,
+                      help="instead of windows of --seconds: time this many single steps")
   parser.add_argument("--peak_seconds", type=float, default=2.0,
                       help="timing window of the matmul peak")
   parser.add_argument("--json", default=None, help="also write the figures to this file")
   return parser.parse_args(argv)
 
 
-def main(argv=None):
-  args = parse_args(argv)
-  _set_host_devices(args.host_devices or args.devices)
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from byol_jax import augment, config_lib, networks, parallel, train_step  # pylint: disable=g-import-not-at-top
+INPUTS = ("views", "arrays")
 
+
+class Figures(dict):
+  """The figures, each printed as `name  value` the moment it is set."""
+
+  def __setitem__(self, key, value):
+    super().__setitem__(key, value)
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    print(f"{key:<40}  {text}", flush=True)
+
+
+def configure(args):
+  """The named config with the command line's overrides, finalised for a synthetic run."""
+  from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
   config = config_lib.load(args.config)
   if args.batch_size:
     config.batch_size = args.batch_size
@@ -227,103 +260,182 @@ def main(argv=None):
     config.compute_dtype = args.compute_dtype
   config.model.merge_views_bn = args.merge_views_bn
   config.steps, config.warmup_steps = 1000, 10
-  config = config_lib.finalize(config, num_train_examples=10_000, num_classes=10)
+  return config_lib.finalize(config, num_train_examples=10_000, num_classes=10)
+
+
+def synthetic_batch(config, mesh, input_kind: str, source_size=None, seed: int = 0):
+  """A random global batch as the pipeline would ship it: host views (in the
+  host path's dtype) or raw uint8 images with crop seeds."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from byol_jax import host_augment, parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.configs import base  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  b, size = config.batch_size, config.data.image_size
+  batch = {"label": rng.integers(0, 10, (b,), np.int32)}
+  if input_kind == "arrays":
+    side = source_size or size
+    batch["image"] = rng.integers(0, 256, (b, side, side, 3), np.uint8)
+    batch["crop_seed"] = rng.integers(0, 2**32, (b, 2, 2), np.uint32)
+  else:
+    dtype = host_augment.VIEW_DTYPES[base.resolve_augment(config.augment)["resize"]]
+    for key in ("view1", "view2"):
+      view = rng.integers(0, 256, (b, size, size, 3), np.uint8)
+      batch[key] = view if dtype == "uint8" else (view / 255.0).astype(dtype)
+  return parallel.to_global(batch, mesh)
+
+
+def make_augment(config, enabled: bool = True):
+  """The step's colour-op function, or a plain cast to float [0, 1] when disabled."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from byol_jax import device_augment  # pylint: disable=g-import-not-at-top
+  if enabled:
+    return device_augment.make_augment_fn(config)
+
+  def cast(images, key, view_index):
+    del key, view_index
+    if images.dtype == jnp.uint8:
+      return images.astype(jnp.float32) / 255.0
+    return images.astype(jnp.float32)
+
+  return cast
+
+
+def augment_timers(config, mesh, augment):
+  """Jitted (crop, colour) functions of a batch, as the step runs them, for timing alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from byol_jax import device_crop, parallel  # pylint: disable=g-import-not-at-top
+  data, repl = parallel.batch_sharded(mesh), parallel.replicated(mesh)
+
+  def crop(batch):
+    return device_crop.batch_views(config, batch)
+
+  def color(views, key):
+    key1, key2 = jax.random.split(key)
+    return augment(views[0], key1, 0), augment(views[1], key2, 1)
+
+  return (jax.jit(crop, in_shardings=(data,), out_shardings=data),
+          jax.jit(color, in_shardings=(data, repl), out_shardings=data))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  _set_host_devices(args.host_devices or args.devices)
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from byol_jax import networks, optim, parallel, train_step  # pylint: disable=g-import-not-at-top
+
+  config = configure(args)
   if len(jax.devices()) < args.devices:
     raise SystemExit(f"--devices={args.devices} but only {len(jax.devices())} visible; on a "
                      "CPU set XLA_FLAGS=--xla_force_host_platform_device_count=N.")
   mesh = parallel.make_mesh(jax.devices()[:args.devices])
   parallel.check_batch_size(config.batch_size, mesh)
-  size, b = config.data.image_size, config.batch_size
-  load_before = os.getloadavg()
+  size, b, devices = config.data.image_size, config.batch_size, mesh.devices.size
+  timing = dict(min_seconds=args.seconds, repeats=args.repeats, steps=args.steps)
+  fig = Figures()
+  fig["config"] = args.config
+  fig["batch_size"] = b
+  fig["image_size"] = size
+  fig["input"] = args.input
+  fig["augment"] = not args.no_augment
+  fig["base_channels"] = int(config.model.base_channels)
+  fig["depth"] = int(config.model.depth)
+  fig["devices"] = devices
+  fig["host_devices"] = len(jax.devices())
+  fig["compute_dtype"] = config.compute_dtype
+  fig["merge_views_bn"] = args.merge_views_bn
+  fig["device_kind"] = jax.devices()[0].device_kind
+  fig["cpu_count"] = os.cpu_count()
+  fig["load_average_1min_start"] = os.getloadavg()[0]
+  dtype = jnp.dtype(config.compute_dtype)
+  peak_before = matmul_peak(dtype, args.peak_seconds)
+  fig["matmul_peak_start_gflop_per_s"] = peak_before[0] / 1e9
 
-  peak_before = matmul_peak(jnp.dtype(config.compute_dtype), args.peak_seconds)
   nets = networks.make_networks(config.model, config.data.num_classes)
-  optimizer = train_step.make_optimizer(config)
+  optimizer = optim.make_optimizer(config)
   state = jax.jit(lambda: train_step.init_state(config, nets, optimizer, (size, size, 3), 0),
                   out_shardings=parallel.replicated(mesh))()
-  update = train_step.make_update_fn(config, nets, optimizer, mesh,
-                                     augment.make_augment_fn(config))
-  rng = np.random.default_rng(0)
-  batch = parallel.to_global({
-      "view1": rng.integers(0, 256, (b, size, size, 3), np.uint8),
-      "view2": rng.integers(0, 256, (b, size, size, 3), np.uint8),
-      "label": rng.integers(0, 10, (b,), np.int32)}, mesh)
+  augment = make_augment(config, not args.no_augment)
+  update = train_step.make_update_fn(config, nets, optimizer, mesh, augment)
+  batch = synthetic_batch(config, mesh, args.input, args.source_size)
   hand = forward_flops_per_image(nets, state.online_params, state.online_state, size)
+  for key, value in hand.items():
+    fig[key] = value
   # The same shape arithmetic over the whole traced update step (forward, backward, target).
   step_jaxpr_flops = jaxpr_matmul_flops(jax.make_jaxpr(update)(state, batch).jaxpr)
+  fig["train_step_gflop_jaxpr"] = step_jaxpr_flops / 1e9
 
   # Evaluation forward first: the update step donates (consumes) the state.
   embed = train_step.make_embed_fn(nets, mesh)
-  images = batch["view1"]
+  images = parallel.to_global({"image": np.random.default_rng(1).integers(
+      0, 256, (b, size, size, 3), np.uint8)}, mesh)["image"]
   start = time.perf_counter()
   embed_compiled = embed.lower(state.online_params, state.online_state, images).compile()
-  eval_compile_s = time.perf_counter() - start
+  fig["eval_compile_s"] = time.perf_counter() - start
   eval_s, eval_cpu_s, _, _ = summarize(time_call(
-      embed_compiled, (state.online_params, state.online_state, images), args.seconds / 2,
-      args.repeats))
-  eval_flops = xla_flops(embed_compiled) * mesh.devices.size
+      embed_compiled, (state.online_params, state.online_state, images),
+      min_seconds=args.seconds / 2, repeats=args.repeats, steps=args.steps))
+  eval_flops = xla_flops(embed_compiled) * devices
+  fig["eval_images_per_s"] = b / eval_s
+  fig["eval_images_per_cpu_s"] = b / eval_cpu_s
+  fig["eval_gflop_per_image_xla"] = eval_flops / b / 1e9
+  fig["eval_achieved_gflop_per_s"] = eval_flops / eval_s / 1e9
 
   start = time.perf_counter()
   compiled = update.lower(state, batch).compile()
-  train_compile_s = time.perf_counter() - start
-  windows, state = time_update(compiled, state, batch, args.seconds, args.repeats)
+  fig["train_compile_s"] = time.perf_counter() - start
+  step_flops = xla_flops(compiled) * devices  # cost analysis is per device
+  fig["train_step_gflop_xla"] = step_flops / 1e9
+  fig["train_gflop_per_image_xla"] = step_flops / b / 1e9
+  # < 1: XLA skips work the shapes imply (taps on padding); > 1: it adds some (recompute).
+  fig["train_xla_over_jaxpr"] = (step_flops / step_jaxpr_flops if step_jaxpr_flops
+                                 else float("nan"))
+  fwd = hand["online_forward_gflop_per_image"] * 1e9
+  # ~8: online fwd+bwd (3x) on 2 views + target fwd on 2 views, plus augmentation etc.
+  fig["train_flops_over_8x_forward"] = step_flops / (8 * b * fwd) if fwd else float("nan")
+  for key, value in xla_memory_mib(compiled).items():
+    fig[f"train_{key}"] = value
+  fig["timing_windows"] = args.steps or args.repeats
+  windows, state = time_update(compiled, state, batch, **timing)
   step_s, step_cpu_s, fastest_s, slowest_s = summarize(windows)
-  step_flops = xla_flops(compiled) * mesh.devices.size  # cost analysis is per device
+  fig["train_step_s"] = step_s
+  fig["train_images_per_s"] = b / step_s
+  fig["train_images_per_s_slowest_window"] = b / slowest_s
+  fig["train_images_per_s_fastest_window"] = b / fastest_s
+  # CPU time of this process: less sensitive than wall time to other processes.
+  fig["train_cpu_s_per_step"] = step_cpu_s
+  fig["train_images_per_cpu_s"] = b / step_cpu_s
+  fig["train_achieved_gflop_per_s"] = step_flops / step_s / 1e9
+
+  # The augmentation alone, jitted as the step runs it: the crop (on the device
+  # only with --input=arrays) and the colour ops of both views.
+  crop, color = augment_timers(config, mesh, augment)
+  crop_s = summarize(time_call(crop, (batch,), **timing))[0] if args.input == "arrays" else 0.0
+  views = crop(batch)
+  color_s = summarize(time_call(color, (views, jax.random.PRNGKey(0)), **timing))[0]
+  fig["augment_crop_s"] = crop_s
+  fig["augment_color_s"] = color_s
+  fig["augment_s"] = crop_s + color_s
+  fig["augment_share_of_step"] = (crop_s + color_s) / step_s
 
   # Measured after the step too and the better kept: on a shared machine one
   # window can be slowed by other processes.
-  peak, peak_per_cpu_s = (max(a, b) for a, b in zip(
-      peak_before, matmul_peak(jnp.dtype(config.compute_dtype), args.peak_seconds)))
-  devices = mesh.devices.size
-  fwd = hand["online_forward_gflop_per_image"] * 1e9
-  figures = {
-      "config": args.config, "batch_size": b, "image_size": size,
-      "base_channels": int(config.model.base_channels), "depth": int(config.model.depth),
-      "devices": devices, "host_devices": len(jax.devices()),
-      "compute_dtype": config.compute_dtype, "merge_views_bn": args.merge_views_bn,
-      "device_kind": jax.devices()[0].device_kind, "cpu_count": os.cpu_count(),
-      "load_average_1min_start": load_before[0],
-      "train_compile_s": train_compile_s,
-      "timing_windows": args.repeats,
-      "train_step_s": step_s,
-      "train_images_per_s": b / step_s,
-      "train_images_per_s_slowest_window": b / slowest_s,
-      "train_images_per_s_fastest_window": b / fastest_s,
-      # CPU time of this process: less sensitive than wall time to other processes.
-      "train_cpu_s_per_step": step_cpu_s,
-      "train_images_per_cpu_s": b / step_cpu_s,
-      "train_step_gflop_xla": step_flops / 1e9,
-      "train_gflop_per_image_xla": step_flops / b / 1e9,
-      "train_step_gflop_jaxpr": step_jaxpr_flops / 1e9,
-      # < 1: XLA skips work the shapes imply (taps on padding); > 1: it adds some (recompute).
-      "train_xla_over_jaxpr": step_flops / step_jaxpr_flops if step_jaxpr_flops else float("nan"),
-      **hand,
-      # ~8: online fwd+bwd (3x) on 2 views + target fwd on 2 views, plus augmentation etc.
-      "train_flops_over_8x_forward": step_flops / (8 * b * fwd) if fwd else float("nan"),
-      "train_achieved_gflop_per_s": step_flops / step_s / 1e9,
-      "eval_compile_s": eval_compile_s,
-      "eval_images_per_s": b / eval_s,
-      "eval_images_per_cpu_s": b / eval_cpu_s,
-      "eval_gflop_per_image_xla": eval_flops / b / 1e9,
-      "eval_achieved_gflop_per_s": eval_flops / eval_s / 1e9,
-      "matmul_peak_gflop_per_s": peak / 1e9,
-      "matmul_peak_gflop_per_cpu_s": peak_per_cpu_s / 1e9,
-      "peak_host_memory_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-      **{f"train_{k}": v for k, v in xla_memory_mib(compiled).items()},
-      "load_average_1min_end": os.getloadavg()[0],
-  }
-  figures["train_fraction_of_matmul_peak"] = figures["train_achieved_gflop_per_s"] / (peak / 1e9)
-  figures["eval_fraction_of_matmul_peak"] = figures["eval_achieved_gflop_per_s"] / (peak / 1e9)
+  peak, peak_per_cpu_s = (max(x, y) for x, y in zip(peak_before,
+                                                    matmul_peak(dtype, args.peak_seconds)))
+  fig["matmul_peak_gflop_per_s"] = peak / 1e9
+  fig["matmul_peak_gflop_per_cpu_s"] = peak_per_cpu_s / 1e9
+  fig["train_fraction_of_matmul_peak"] = fig["train_achieved_gflop_per_s"] / (peak / 1e9)
+  fig["eval_fraction_of_matmul_peak"] = fig["eval_achieved_gflop_per_s"] / (peak / 1e9)
   # The same ratio per CPU-second: what fraction of the cores' matmul rate the step gets
   # while it runs, whatever share of the cores other processes took.
-  figures["train_fraction_of_matmul_peak_per_cpu_s"] = (step_flops / step_cpu_s) / peak_per_cpu_s
-  width = max(map(len, figures))
-  for k, v in figures.items():
-    print(f"{k:<{width}}  {v:.4g}" if isinstance(v, float) else f"{k:<{width}}  {v}", flush=True)
+  fig["train_fraction_of_matmul_peak_per_cpu_s"] = (step_flops / step_cpu_s) / peak_per_cpu_s
+  fig["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  fig["load_average_1min_end"] = os.getloadavg()[0]
   if args.json:
     with open(args.json, "w") as f:
-      json.dump(figures, f, indent=2)
-  return figures
+      json.dump(dict(fig), f, indent=2)
+  return dict(fig)
 
 
 if __name__ == "__main__":

@@ -3,42 +3,43 @@ r"""CPU-budget learning quality: does BYOL learn anything in ~20 minutes on 2 CP
 It pretrains a narrow ResNet-18 with BYOL on the real CIFAR-10 images of the
 shared zip (`$BYOL_SHARED_DATA/cifar10/cifar10_jpeg.zip`, default
 `<repo>/../shared/data`), through the library's own runner
-(`main.run_job("pretrain", ...)` on the `resnet18_cifar10` recipe with
+(`jobs.run("pretrain", ...)` on the `resnet18_cifar10` recipe with
 overrides), and compares the frozen features of
 
   byol          the BYOL encoder after the budget;
   random        the same architecture at its random initialisation (BYOL's own
                 starting point, same seed), with the BN running statistics
-                estimated on training images by training-mode forwards (no
-                weight changes). The initial state's own running statistics
-                cannot be used: Haiku's moving averages start at 0 with no
-                update at init, so inference-mode BN divides by sqrt(0 + eps)
-                at every layer and the features overflow to inf/NaN. The
-                script checks that and reports it as `random_init_state`;
+                estimated on training images (`readout.random_baseline`, no
+                weight changes; the initial state, whose BN averages are
+                Haiku's zeros, is reported as `random_init_state`);
   no_predictor  the same recipe and budget with the predictor removed
                 (`model.use_predictor=False`, the paper's ablation, which
                 collapses).
 
-Two read-outs on frozen `embedding` features, computed once per encoder with
-`evaluation.extract` on centre-cropped images (no augmentation):
+`--mode=ablations` adds the paper's other ablations (Section 5), each the same
+recipe and budget with one change (`ABLATIONS` below):
 
-* kNN: `evaluation.knn_accuracy` (cosine, k=200, T=0.1, as in the recipe);
-* linear probe: NOT the paper's protocol (which trains on augmented crops for
-  100 epochs, `--job=linear_eval`). A benchmark-sized stand-in: multinomial
-  logistic regression on standardised features, full batch, Adam, a fixed
-  number of steps; its L2 weight is picked on a held-out 10% of the probe's
-  training features, then it is refitted on all of them.
+  tau_one       base_tau=1.0, tau_schedule=constant: the target stays the
+                random initial network;
+  tau_zero      base_tau=0.0, constant: no moving average, the target is the
+                online network's current copy;
+  no_head_bn    projector and predictor without BatchNorm (`model.head_norm=False`).
 
-Train features come from `train[:N]` (a fixed, class-mixed pseudo-random subset
-of the train split), test features from `test[:M]` (M=10000 is the whole test
-split). It also prints the collapse monitor (`evaluation.projection_spread`:
-~1 for spread-out projections, -> 0 under collapse) for each encoder and the
-pretraining curves' last values, the gaps, the wall time of each phase and the
-load average; with --json it writes all of it.
+The read-out is `byol_jax.readout` (shared with the demo's `--job=compare`) on
+frozen `embedding` features of centre-cropped images, computed once per
+encoder: kNN (cosine, k=200, T=0.1, as in the recipe) and a cheap linear probe
+(NOT the paper's protocol: softmax regression on standardised features, L2
+weight picked on 10% held out). Train features come from `train[:N]` (a fixed,
+class-mixed pseudo-random subset of the train split), test features from
+`test[:M]` (M=10000 is the whole test split). It also prints the collapse
+monitor (`evaluation.projection_spread`: ~1 for spread-out projections, -> 0
+under collapse) for each encoder, the gaps to BYOL, the pretraining curves'
+last values, the wall time of each phase and the load average; with --json it
+writes all of it.
 
-  python benchmarks/cpu_budget_quality.py --budget=full --json=cpu_budget.json
-  python benchmarks/cpu_budget_quality.py --budget=tiny          # seconds-scale smoke run
-  python benchmarks/cpu_budget_quality.py --budget=full --steps=200 --base_lr=2.0
+  python benchmarks/cpu_budget_quality.py --json=cpu_budget.json     # ~20 minutes
+  python benchmarks/cpu_budget_quality.py --mode=ablations           # <= 60 minutes
+  python benchmarks/cpu_budget_quality.py --budget=tiny --mode=ablations   # smoke run
 
 Every --budget field can be overridden by its flag.
 """
@@ -59,7 +60,21 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 SHARED_DATA = os.environ.get("BYOL_SHARED_DATA", os.path.join(os.path.dirname(REPO), "shared",
                                                               "data"))
 DEFAULT_ZIP = os.path.join(SHARED_DATA, "cifar10", "cifar10_jpeg.zip")
-VARIANTS = ("byol", "random", "no_predictor")
+# Pretrained variants: each is the BYOL recipe with these config overrides (the
+# paper's ablations, Section 5); "random" is BYOL's starting point, not trained.
+ABLATIONS = {
+    "byol": {},
+    "no_predictor": {"model.use_predictor": False},
+    "tau_one": {"base_tau": 1.0, "tau_schedule": "constant"},   # target frozen at random init
+    "tau_zero": {"base_tau": 0.0, "tau_schedule": "constant"},  # target = online, no EMA
+    "no_head_bn": {"model.head_norm": False},                   # projector/predictor without BN
+}
+PRETRAINED = tuple(ABLATIONS)
+VARIANTS = ("byol", "random", *PRETRAINED[1:])
+MODES = {
+    "compare": ("byol", "random", "no_predictor"),  # the ~20-minute run
+    "ablations": VARIANTS,                           # every ablation too (<= 60 minutes)
+}
 
 # Pretraining budget and read-out sizes. "full" is the ~20-minute run recorded in
 # experiments/cpu_budget.md (chosen with the pilots listed there).
@@ -77,7 +92,6 @@ BUDGETS = {
                  train_examples=10000, test_examples=10000, probe_steps=500, bn_batches=20,
                  eval_batch=500),
 }
-PROBE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
 def parse_args(argv=None):
@@ -85,8 +99,11 @@ def parse_args(argv=None):
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--budget", default="full", choices=sorted(BUDGETS))
   parser.add_argument("--data", default=DEFAULT_ZIP, help="CIFAR-10 zip (train/ and test/)")
-  parser.add_argument("--variants", default=",".join(VARIANTS),
-                      help=f"comma-separated subset of {','.join(VARIANTS)}")
+  parser.add_argument("--mode", default="compare", choices=sorted(MODES),
+                      help="compare: BYOL, random init, no predictor; ablations: also tau = 1, "
+                      "tau = 0 and heads without BatchNorm")
+  parser.add_argument("--variants", default=None,
+                      help=f"comma-separated subset of {','.join(VARIANTS)} (default: the mode's)")
   parser.add_argument("--workdir", default=None, help="keep the pretraining runs here "
                       "(default: a temporary folder, deleted at the end)")
   parser.add_argument("--json", default=None, help="write every figure to this file")
@@ -103,7 +120,7 @@ def parse_args(argv=None):
   for name in (*ints, "base_lr", "base_tau", "probe_lr"):
     if getattr(args, name) is not None:
       settings[name] = getattr(args, name)
-  variants = [v for v in args.variants.split(",") if v]
+  variants = [v for v in (args.variants or ",".join(MODES[args.mode])).split(",") if v]
   unknown = set(variants) - set(VARIANTS)
   if unknown:
     parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
@@ -112,7 +129,20 @@ def parse_args(argv=None):
   return args, settings, variants
 
 
-def make_config(settings, data: str, seed: int, use_predictor: bool):
+def apply_overrides(config, overrides: dict):
+  """Sets dotted config fields; one this checkout lacks raises KeyError."""
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise KeyError(key)
+    node[leaf] = value
+  return config
+
+
+def make_config(settings, data: str, seed: int, variant: str):
   """The resnet18_cifar10 recipe on the shared zip, shrunk to the CPU budget."""
   from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
   c = config_lib.load("resnet18_cifar10")
@@ -131,108 +161,93 @@ def make_config(settings, data: str, seed: int, use_predictor: bool):
   c.model.base_channels = settings["base_channels"]
   c.model.projector_hidden = c.model.predictor_hidden = settings["mlp_hidden"]
   c.model.projection_dim = settings["projection_dim"]
-  c.model.use_predictor = use_predictor
   c.eval.every_steps = -1                    # read out below, once, on the final encoder
   c.checkpoint.every_steps = settings["steps"]
   c.checkpoint.keep = 1
   c.log_every_steps = max(1, settings["steps"] // 10)
-  return c
-
-
-def recalibrate_bn(nets, params, state, batches, mesh):
-  """Re-estimates BN running statistics with training-mode forwards (weights untouched)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import parallel, train_step  # pylint: disable=g-import-not-at-top
-
-  @jax.jit
-  def step(state, images):
-    images = train_step.normalize(train_step.to_float_images(images))
-    return nets.online.apply(params, state, images, True)[1]
-
-  for local in batches:
-    state = step(state, parallel.to_global(local, mesh)["image"])
-  return state
-
-
-def linear_probe(train_x, train_y, test_x, test_y, *, steps: int, lr: float, seed: int,
-                 num_classes: int = 10, weight_decays=PROBE_WEIGHT_DECAYS):
-  """Softmax regression on standardised frozen features; L2 weight chosen on 10% held out."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  import optax  # pylint: disable=g-import-not-at-top
-
-  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
-  train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
-  optimizer = optax.adam(lr)
-
-  @jax.jit
-  def fit(x, y, wd):
-    params = (jnp.zeros((x.shape[1], num_classes)), jnp.zeros((num_classes,)))
-
-    def loss(p):
-      logits = x @ p[0] + p[1]
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-      return ce + wd * jnp.sum(p[0] ** 2)
-
-    def body(_, carry):
-      p, opt = carry
-      updates, opt = optimizer.update(jax.grad(loss)(p), opt, p)
-      return optax.apply_updates(p, updates), opt
-
-    return jax.lax.fori_loop(0, steps, body, (params, optimizer.init(params)))[0]
-
-  def accuracy(p, x, y):
-    return float(np.mean(np.argmax(np.asarray(x @ p[0] + p[1]), -1) == y))
-
-  order = np.random.default_rng(seed).permutation(len(train_x))
-  held = order[:max(1, len(order) // 10)]
-  kept = order[len(held):]
-  val = {wd: accuracy(fit(train_x[kept], train_y[kept], wd), train_x[held], train_y[held])
-         for wd in weight_decays}
-  best = max(weight_decays, key=lambda wd: (val[wd], -wd))
-  params = fit(train_x, train_y, best)
-  return {"top1": accuracy(params, test_x, test_y),
-          "train_top1": accuracy(params, train_x, train_y),
-          "weight_decay": best, "val_top1_by_weight_decay": {str(k): v for k, v in val.items()}}
+  return apply_overrides(c, ABLATIONS[variant])
 
 
 def read_out(name, nets, params, state, config, settings, mesh):
-  """kNN, linear probe and collapse monitor of one encoder's frozen features."""
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from byol_jax import evaluation, input_pipeline, train_step  # pylint: disable=g-import-not-at-top
-  embed = train_step.make_embed_fn(nets, mesh)
-  feats = {}
-  for part, split in (("train", f"train[:{settings['train_examples']}]"),
-                      ("test", f"test[:{settings['test_examples']}]")):
-    batches = input_pipeline.eval_batches(config, split, batch_size=settings["eval_batch"],
-                                          process_index=0, process_count=1)
-    feats[part] = evaluation.extract(embed, params, state, batches, mesh,
-                                     keys=("embedding", "projection"))
-  train, test = feats["train"], feats["test"]
-  finite = all(np.isfinite(f[k]).all() for f in (train, test) for k in ("embedding", "projection"))
-  if not finite:  # kNN / top-k would count NaN scores as hits: report no accuracy at all
+  """`readout.read_out` on train[:N] / test[:M], printed as one line."""
+  from byol_jax import readout  # pylint: disable=g-import-not-at-top
+  result = readout.read_out(
+      config, nets, params, state, mesh, train_split=f"train[:{settings['train_examples']}]",
+      test_split=f"test[:{settings['test_examples']}]", batch_size=settings["eval_batch"],
+      probe_steps=settings["probe_steps"], probe_lr=settings["probe_lr"])
+  if not result["finite"]:
     print(f"[{name}] non-finite features: no accuracy reported", flush=True)
-    return {"finite": False, "num_train_features": int(len(train["label"])),
-            "num_test_features": int(len(test["label"]))}
-  knn = evaluation.knn_accuracy(train["embedding"], train["label"], test["embedding"],
-                                test["label"], num_classes=config.data.num_classes,
-                                k=config.eval.knn_k, temperature=config.eval.knn_temperature)
-  probe = linear_probe(train["embedding"], train["label"], test["embedding"], test["label"],
-                       steps=settings["probe_steps"], lr=settings["probe_lr"],
-                       seed=config.seed, num_classes=config.data.num_classes)
-  result = {
-      "finite": True, "knn_top1": knn["top1"], "knn_top5": knn["top5"],
-      "probe_top1": probe.pop("top1"), "probe": probe,
-      "projection_spread": evaluation.projection_spread(test["projection"]),
-      "embedding_spread": evaluation.projection_spread(test["embedding"]),
-      "num_train_features": int(len(train["label"])), "num_test_features": int(len(test["label"])),
-  }
-  print(f"[{name}] kNN top-1 {result['knn_top1']:.4f} | linear probe top-1 "
-        f"{result['probe_top1']:.4f} (wd {probe['weight_decay']:g}) | projection_spread "
-        f"{result['projection_spread']:.3f} | embedding_spread {result['embedding_spread']:.3f}",
-        flush=True)
+  else:
+    print(f"[{name}] kNN top-1 {result['knn_top1']:.4f} | linear probe top-1 "
+          f"{result['probe_top1']:.4f} (wd {result['probe']['weight_decay']:g}) | "
+          f"projection_spread {result['projection_spread']:.3f} | embedding_spread "
+          f"{result['embedding_spread']:.3f}", flush=True)
   return result
+
+
+def pretrain_variant(variant, settings, args, root, mesh, report):
+  """Pretrains one variant through the runner and reads its encoder out."""
+  from byol_jax import checkpoint, jobs  # pylint: disable=g-import-not-at-top
+  from byol_jax.main import PREEMPTED_EXIT_CODE  # pylint: disable=g-import-not-at-top
+  config = make_config(settings, args.data, args.seed, variant)
+  workdir = os.path.join(root, variant)
+  start = time.perf_counter()
+  last = jobs.run("pretrain", config, workdir, mesh)
+  if "preempted_at_step" in last:
+    args.workdir = root  # keeps the saved checkpoint: `run` deletes a temporary root at the end
+    print(f"Pretraining of {variant} was preempted at step {last['preempted_at_step']}; the "
+          f"benchmark stops here. Rerun it with --workdir={root} to resume.", file=sys.stderr)
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+  report["seconds"][f"pretrain_{variant}"] = time.perf_counter() - start
+  report["pretrain"][variant] = {k: last[k] for k in (
+      "byol_loss", "projection_std", "probe_top1", "images_per_s") if k in last}
+  start = time.perf_counter()
+  final_config, nets, params, net_state = checkpoint.load_pretrained(config, workdir, mesh)
+  report["results"][variant] = read_out(variant, nets, params, net_state, final_config,
+                                        settings, mesh)
+  report["seconds"][f"readout_{variant}"] = time.perf_counter() - start
+
+
+def random_variants(settings, args, mesh, report):
+  """The random-init baseline (BN statistics re-estimated) and the unusable initial state."""
+  from byol_jax import readout  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  config = make_config(settings, args.data, args.seed, "byol")
+  init_config, nets, params, state = readout.initial_network(config, mesh)
+  report["results"]["random_init_state"] = read_out("random_init_state", nets, params, state,
+                                                    init_config, settings, mesh)
+  config, nets, params, state = readout.random_baseline(
+      config, mesh, bn_split=f"train[:{settings['bn_batches'] * settings['eval_batch']}]",
+      batch_size=settings["eval_batch"])
+  report["results"]["random"] = read_out("random", nets, params, state, config, settings, mesh)
+  report["seconds"]["random"] = time.perf_counter() - start
+
+
+def gaps(results) -> dict:
+  """BYOL minus every other finite encoder, per metric."""
+  out = {}
+  byol = results.get("byol")
+  for other in ("random", *PRETRAINED[1:]):
+    if byol and other in results and byol["finite"] and results[other]["finite"]:
+      for metric in ("knn_top1", "probe_top1"):
+        out[f"byol_minus_{other}_{metric}"] = byol[metric] - results[other][metric]
+  return out
+
+
+def print_summary(report, settings):
+  from byol_jax import readout  # pylint: disable=g-import-not-at-top
+  print("\n== CPU-budget learning quality "
+        f"(ResNet-18 base_channels {settings['base_channels']}, {settings['image_size']} px, "
+        f"{settings['steps']} steps x batch {settings['batch_size']})")
+  print(readout.SUMMARY_HEADER)
+  for name in ("byol", "random", "random_init_state", *PRETRAINED[1:]):
+    if name in report["results"]:
+      print(readout.summary_line(name, report["results"][name]))
+  for key, value in report["gaps"].items():
+    print(f"gap {key}: {100 * value:+.2f} points")
+  print(f"linear probe: {report['linear_probe']}")
+  print(f"wall time {report['seconds']['total']:.0f} s; load average at start "
+        f"{report['load_average_start'][0]:.2f}, at end {report['load_average_end'][0]:.2f}")
 
 
 def run(argv=None) -> dict:
@@ -240,12 +255,13 @@ def run(argv=None) -> dict:
   if not os.path.exists(args.data):
     raise SystemExit(f"{args.data} not found: pass --data or set BYOL_SHARED_DATA.")
   import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import input_pipeline, main, networks, parallel, pretrain, train_step  # pylint: disable=g-import-not-at-top
+  from byol_jax import parallel, readout  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
   report = {
-      "benchmark": "cpu_budget_quality", "budget": args.budget, "settings": settings,
-      "variants": variants, "data": os.path.abspath(args.data), "seed": args.seed,
+      "benchmark": "cpu_budget_quality", "budget": args.budget, "mode": args.mode,
+      "settings": settings, "variants": variants, "data": os.path.abspath(args.data),
+      "seed": args.seed,
       "command": " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv[0] else "",
                            *(argv if argv is not None else sys.argv[1:])]),
       "started": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -253,75 +269,27 @@ def run(argv=None) -> dict:
       "load_average_start": list(os.getloadavg()),
       "linear_probe": ("softmax regression on frozen, standardised, un-augmented embeddings; "
                        f"full batch Adam, {settings['probe_steps']} steps, lr "
-                       f"{settings['probe_lr']}; L2 weight from {list(PROBE_WEIGHT_DECAYS)} "
+                       f"{settings['probe_lr']}; L2 weight from {list(readout.PROBE_WEIGHT_DECAYS)} "
                        "chosen on 10% of the probe's train features, then refitted"),
       "results": {}, "pretrain": {}, "seconds": {},
   }
   root = args.workdir or tempfile.mkdtemp(prefix="cpu_budget_")
   mesh = parallel.make_mesh()
-  results = report["results"]
   try:
-    for variant in ("byol", "no_predictor"):
+    for variant in PRETRAINED:
       if variant not in variants:
         continue
-      config = make_config(settings, args.data, args.seed, use_predictor=variant == "byol")
-      workdir = os.path.join(root, variant)
-      start = time.perf_counter()
-      last = main.run_job("pretrain", config, workdir)
-      report["seconds"][f"pretrain_{variant}"] = time.perf_counter() - start
-      report["pretrain"][variant] = {k: last[k] for k in (
-          "byol_loss", "projection_std", "probe_top1", "images_per_s") if k in last}
-      start = time.perf_counter()
-      final_config, nets, state = pretrain.load_pretrained(config, workdir, mesh)
-      results[variant] = read_out(variant, nets, state.online_params, state.online_state,
-                                  final_config, settings, mesh)
-      report["seconds"][f"readout_{variant}"] = time.perf_counter() - start
-
+      pretrain_variant(variant, settings, args, root, mesh, report)
     if "random" in variants:
-      start = time.perf_counter()
-      config = pretrain.prepare(make_config(settings, args.data, args.seed, True), mesh)
-      nets = networks.make_networks(config.model, config.data.num_classes)
-      state = pretrain.create_state(config, nets, train_step.make_optimizer(config), mesh)
-      results["random_init_state"] = read_out(
-          "random_init_state", nets, state.online_params, state.online_state, config, settings,
-          mesh)
-      batches = input_pipeline.eval_batches(
-          config, f"train[:{settings['bn_batches'] * settings['eval_batch']}]",
-          batch_size=settings["eval_batch"], process_index=0, process_count=1)
-      calibrated = recalibrate_bn(nets, state.online_params, state.online_state, batches, mesh)
-      results["random"] = read_out("random", nets, state.online_params, calibrated, config,
-                                   settings, mesh)
-      report["seconds"]["random"] = time.perf_counter() - start
+      random_variants(settings, args, mesh, report)
   finally:
     if not args.workdir:
       shutil.rmtree(root, ignore_errors=True)
 
-  gaps = {}
-  for other in ("random", "no_predictor"):
-    if "byol" in results and other in results:
-      for metric in ("knn_top1", "probe_top1"):
-        if results["byol"]["finite"] and results[other]["finite"]:
-          gaps[f"byol_minus_{other}_{metric}"] = results["byol"][metric] - results[other][metric]
-  report["gaps"] = gaps
+  report["gaps"] = gaps(report["results"])
   report["seconds"]["total"] = time.perf_counter() - t0
   report["load_average_end"] = list(os.getloadavg())
-
-  print("\n== CPU-budget learning quality "
-        f"(ResNet-18 base_channels {settings['base_channels']}, {settings['image_size']} px, "
-        f"{settings['steps']} steps x batch {settings['batch_size']})")
-  print(f"{'encoder':<24}{'kNN top-1':>10}{'probe top-1':>13}{'proj. spread':>14}")
-  for name in ("byol", "random", "random_init_state", "no_predictor"):
-    r = results.get(name)
-    if r and not r["finite"]:
-      print(f"{name:<24}{'non-finite features':>37}")
-    elif r:
-      print(f"{name:<24}{r['knn_top1']:>10.4f}{r['probe_top1']:>13.4f}"
-            f"{r['projection_spread']:>14.3f}")
-  for key, value in gaps.items():
-    print(f"gap {key}: {100 * value:+.2f} points")
-  print(f"linear probe: {report['linear_probe']}")
-  print(f"wall time {report['seconds']['total']:.0f} s; load average at start "
-        f"{report['load_average_start'][0]:.2f}, at end {report['load_average_end'][0]:.2f}")
+  print_summary(report, settings)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(report, f, indent=2)

@@ -3,28 +3,34 @@
 `--config=NAME[:ARG]` picks `byol_jax/configs/NAME.py` (a path to any file with a
 `get_config()` works too); `--config.a.b=value` overrides a field. Both are
 checked here before absl parses them, so a typo gets one readable line instead
-of a traceback.
+of a traceback. The config file is executed once, here.
 """
 
+import ast
 import difflib
 import importlib.util
 import math
 import pathlib
 import re
-from typing import List, Sequence
+import sys
+from typing import List, Sequence, Tuple
 
 import ml_collections
+
+from byol_jax.errors import ConfigError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 _NOT_CONFIGS = {"__init__", "base"}
 
 
-class ConfigError(ValueError):
-  """A user-caused configuration problem; the message says how to fix it."""
-
-
 def available() -> List[str]:
   return sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in _NOT_CONFIGS)
+
+
+def describe(name: str) -> str:
+  """The first line of a named config's docstring (read, not executed)."""
+  doc = ast.get_docstring(ast.parse((CONFIG_DIR / f"{name}.py").read_text())) or ""
+  return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
 def config_path(name_or_path: str) -> str:
@@ -70,48 +76,95 @@ def check_override(config: ml_collections.ConfigDict, field: str) -> None:
     node = node[part]
 
 
-def resolve_argv(argv: Sequence[str]) -> List[str]:
-  """Rewrites `--config=NAME` to its file path and checks every `--config.X` override."""
-  argv = list(argv)
-  value = None
-  for i, arg in enumerate(argv):
-    if arg.startswith("--config="):
-      value = arg.split("=", 1)[1]
-      argv[i] = "--config=" + config_path(value)
-    elif arg == "--config" and i + 1 < len(argv):
+def load_from_argv(argv: Sequence[str]) -> Tuple[ml_collections.ConfigDict, List[str]]:
+  """Loads the config that `--config=NAME` names and checks every `--config.X` override.
+
+  Returns the config and argv without the `--config` argument itself, for absl
+  to apply the overrides to it (`config_flags.DEFINE_config_dict`).
+  """
+  argv, rest, value = list(argv), [], None
+  i = 0
+  while i < len(argv):
+    if argv[i].startswith("--config="):
+      value = argv[i].split("=", 1)[1]
+    elif argv[i] == "--config" and i + 1 < len(argv):
       value = argv[i + 1]
-      argv[i + 1] = config_path(value)
+      i += 1
+    else:
+      rest.append(argv[i])
+    i += 1
   if value is None:
-    raise ConfigError(f"Missing --config. Available: {', '.join(available())}.")
+    raise ConfigError(f"Missing --config. Available: {', '.join(available())} "
+                      "(--help describes each).")
   config = load(value)
-  for arg in argv:
+  for arg in rest:
     m = re.match(r"--config\.([^=]+)(=|$)", arg)
     if m:
       check_override(config, m.group(1))
-  return argv
+  return config, rest
+
+
+def exit_on_bad_command_line(name_or_path: str, overrides: Sequence[str]) -> None:
+  """For launchers: a misspelt config or field ends the launch here, in one line."""
+  try:
+    load_from_argv(["byol_jax.main", f"--config={name_or_path}", *overrides])
+  except ConfigError as e:
+    sys.exit(f"error: {e}")
 
 
 def finalize(config: ml_collections.ConfigDict, num_train_examples: int,
              num_classes: int) -> ml_collections.ConfigDict:
-  """Fills the fields derived from the dataset and checks the result."""
+  """Fills the fields derived from the dataset, checks the result and locks it.
+
+  Steps count whole batches as the reference does: floor(epochs * N / batch).
+  """
   config = ml_collections.ConfigDict(config.to_dict())
+  _check_positive(config, "batch_size", "checkpoint.keep")
+  if config.checkpoint.every_steps < 0:
+    raise ConfigError(f"checkpoint.every_steps must be >= 0 (0: only at the end), got "
+                      f"{config.checkpoint.every_steps}; without checkpoints a run's result is "
+                      "lost. Set --config.checkpoint.every_steps=1000, say.")
   if config.data.num_train_examples < 0:
     config.data.num_train_examples = num_train_examples
   if config.data.num_classes < 0:
     config.data.num_classes = num_classes
+  if config.data.num_train_examples <= 0:
+    raise ConfigError(f"The training split {config.data.train_split!r} has no examples; check "
+                      "--config.data.train_split and the data source.")
   steps_per_epoch = config.data.num_train_examples / config.batch_size
+  if config.steps < 0 and config.epochs <= 0:
+    raise ConfigError(f"epochs must be positive, got {config.epochs}; set --config.epochs (or "
+                      "--config.steps) to a positive value.")
   if config.steps < 0:
-    config.steps = max(1, math.ceil(config.epochs * steps_per_epoch))
+    config.steps = max(1, math.floor(config.epochs * steps_per_epoch))
   if config.warmup_steps < 0:
-    config.warmup_steps = min(config.steps, round(config.warmup_epochs * steps_per_epoch))
-  if config.batch_size <= 0:
-    raise ConfigError(f"batch_size must be positive, got {config.batch_size}.")
+    config.warmup_steps = min(config.steps, math.floor(config.warmup_epochs * steps_per_epoch))
+  if config.steps == 0:
+    raise ConfigError("steps is 0, so there is nothing to train; set --config.steps or "
+                      "--config.epochs to a positive value.")
   if config.warmup_steps > config.steps:
     raise ConfigError(f"warmup_steps ({config.warmup_steps}) exceeds steps ({config.steps}); "
                       "lower --config.warmup_epochs or raise --config.epochs.")
-  if config.tau_schedule not in ("cosine", "constant"):
-    raise ConfigError(f"tau_schedule must be 'cosine' or 'constant', got {config.tau_schedule!r}.")
-  if config.compute_dtype not in ("float32", "bfloat16"):
-    raise ConfigError(f"compute_dtype must be 'float32' or 'bfloat16', got "
-                      f"{config.compute_dtype!r}.")
+  _check_choice(config, "tau_schedule", ("cosine", "constant"))
+  _check_choice(config, "compute_dtype", ("float32", "bfloat16"))
+  config.lock()
   return config
+
+
+def _get(config, field: str):
+  for part in field.split("."):
+    config = config[part]
+  return config
+
+
+def _check_positive(config, *fields: str) -> None:
+  for field in fields:
+    if _get(config, field) <= 0:
+      raise ConfigError(f"{field} must be positive, got {_get(config, field)}; set "
+                        f"--config.{field} to a value >= 1.")
+
+
+def _check_choice(config, field: str, choices: Sequence[str]) -> None:
+  if _get(config, field) not in choices:
+    raise ConfigError(f"{field} must be one of {', '.join(map(repr, choices))}, got "
+                      f"{_get(config, field)!r}.")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from byol_jax import objectives, parallel
+from byol_jax import input_pipeline, objectives, parallel
 
 
 def extract(embed_fn: Callable, params, state, batches: Iterable[dict], mesh,
@@ -100,3 +100,16 @@ def evaluate(embed_fn, params, state, *, train_batches: Optional[Iterable[dict]]
                            num_classes=num_classes, k=knn_k, temperature=knn_temperature)
         metrics.update({f"eval/knn_{k}": v for k, v in knn.items()})
   return metrics
+
+
+def evaluate_on_splits(config, embed_fn, params, state, mesh, *, max_examples: int = -1):
+  """`evaluate` on the config's test split, with kNN over its training split."""
+  def batches(split):
+    return input_pipeline.eval_batches(
+        config, split, batch_size=config.eval.batch_size, process_index=jax.process_index(),
+        process_count=jax.process_count())
+
+  return evaluate(embed_fn, params, state, train_batches=batches(config.data.train_split),
+                  test_batches=batches(config.data.test_split), mesh=mesh,
+                  num_classes=config.data.num_classes, knn_k=config.eval.knn_k,
+                  knn_temperature=config.eval.knn_temperature, max_examples=max_examples)

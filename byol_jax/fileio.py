@@ -2,14 +2,16 @@
 
 Local paths use the os module, with fsync and an atomic rename, so a reader
 sees the old file or the complete new one, never a truncated file. Paths with a
-scheme go through `tf.io.gfile` (TensorFlow is already a dependency for input):
-written to a temporary name, then renamed over the target.
+scheme go through `tf.io.gfile` (imported only then: local runs need no
+TensorFlow): written to a temporary name, then renamed over the target.
 """
 
 import contextlib
 import os
 import tempfile
-from typing import Iterator
+from typing import BinaryIO, Iterator
+
+from byol_jax.tf_import import import_tensorflow
 
 
 def is_remote(path: str) -> bool:
@@ -17,12 +19,7 @@ def is_remote(path: str) -> bool:
 
 
 def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top (costly; only for remote paths)
-  return tf.io.gfile
-
-
-def join(*parts: str) -> str:
-  return os.path.join(*parts)  # '/'-joined for URLs too
+  return import_tensorflow().io.gfile  # costly; only for remote paths
 
 
 def makedirs(path: str) -> None:
@@ -72,6 +69,13 @@ def atomic_local_path(path: str) -> Iterator[str]:
   finally:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+
+
+def open_for_writing(path: str) -> BinaryIO:
+  """A binary file object that streams to `path` (for logs that grow, e.g. event files)."""
+  if is_remote(path):
+    return _gfile().GFile(path, "wb")
+  return open(path, "wb")
 
 
 def write_text(path: str, text: str) -> None:

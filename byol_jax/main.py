@@ -1,12 +1,9 @@
 r"""Command line: `python -m byol_jax.main --config=NAME --workdir=DIR [--job=JOB]`.
 
-Jobs: `pretrain` (default; resumes from DIR/checkpoints), `linear_eval` (frozen
-encoder, or fine-tuning with --config.linear_eval.fine_tune=True), `knn`, and
-`export` (encoder as .npz and as a torchvision state dict). Every field of the
-config can be overridden: `--config.optimizer.base_lr=0.3`.
+Every field of the config can be overridden: `--config.optimizer.base_lr=0.3`;
+`--config=path/to/file.py` takes your own `get_config()`.
 """
 
-import json
 import logging as std_logging
 import os
 import sys
@@ -15,79 +12,50 @@ import traceback
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from byol_jax import config_lib
+from byol_jax import config_lib, errors, jobs
 
-JOBS = ("pretrain", "linear_eval", "knn", "export")
 # 128 + SIGTERM, as a shell reports a job ended by it: schedulers treat it as "requeue".
+# A first Ctrl-C saves and ends the same way.
 PREEMPTED_EXIT_CODE = 143
+# 128 + SIGINT: a second Ctrl-C, which leaves without saving.
+INTERRUPTED_EXIT_CODE = 130
+# What a user can cause; printed as one line unless --traceback.
+USER_ERRORS = (errors.ConfigError, errors.NonFiniteLossError, FileNotFoundError, ValueError,
+               ImportError)
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Named config (" + ", ".join(config_lib.available()) +
-    ") or path to a config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for all outputs.")
-_JOB = flags.DEFINE_enum("job", "pretrain", JOBS, "What to run.")
+_JOB = flags.DEFINE_enum("job", "pretrain", list(jobs.JOBS), "What to run.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs outside "
     "Cloud TPU / SLURM (or set JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _TRACEBACK = flags.DEFINE_bool("traceback", False, "Show full tracebacks for user errors.")
+_ALLOW_CHANGED_RESUME = flags.DEFINE_bool(
+    "allow_changed_resume", False, "Resume from a checkpoint written with other settings "
+    "(batch size, steps, seed, data, augmentation), changing the run's trajectory on purpose.")
 
 
-def run_job(job: str, config, workdir: str) -> dict:
-  """Runs one job in-process (also the entry point tests use)."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import evaluation, parallel, pretrain  # pylint: disable=g-import-not-at-top
-  if job == "pretrain":
-    return pretrain.run(config, workdir)
-  mesh = parallel.make_mesh()
-  source = config.linear_eval.pretrained_workdir or workdir
-  if job == "linear_eval":
-    from byol_jax import linear_eval  # pylint: disable=g-import-not-at-top
-    return linear_eval.run(config, workdir, source, mesh)
-  config, nets, state = pretrain.load_pretrained(config, source, mesh)
-  if job == "knn":
-    from byol_jax import input_pipeline, train_step  # pylint: disable=g-import-not-at-top
-    kwargs = dict(batch_size=config.batch_size, process_index=jax.process_index(),
-                  process_count=jax.process_count())
-    metrics = evaluation.evaluate(
-        train_step.make_embed_fn(nets, mesh), state.online_params, state.online_state,
-        train_batches=input_pipeline.eval_batches(config, config.data.train_split, **kwargs),
-        test_batches=input_pipeline.eval_batches(config, config.data.test_split, **kwargs),
-        mesh=mesh, num_classes=config.data.num_classes, knn_k=config.eval.knn_k,
-        knn_temperature=config.eval.knn_temperature)
-    _write_result(workdir, "knn", metrics)
-    return metrics
-  from byol_jax import export  # pylint: disable=g-import-not-at-top
-  params, net_state = parallel.fetch((state.online_params, state.online_state))
-  paths = {}
-  if jax.process_index() == 0:
-    paths = export.run_export(params, net_state, config, os.path.join(workdir, "export"))
-    print("[export] " + " ".join(f"{k}={v}" for k, v in paths.items()), flush=True)
-  return paths
-
-
-def _write_result(workdir, name, metrics):
-  import jax  # pylint: disable=g-import-not-at-top
-  print(f"[{name}] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
-  if jax.process_index() == 0:
-    from byol_jax import fileio  # pylint: disable=g-import-not-at-top
-    fileio.write_text(os.path.join(workdir, f"{name}_results.json"), json.dumps(metrics, indent=2))
+def usage() -> str:
+  rows = lambda table: "\n".join(f"  {k:26s} {v}" for k, v in table.items())
+  configs = {name: config_lib.describe(name) for name in config_lib.available()}
+  return (f"{__doc__}\nConfigs (--config=NAME):\n{rows(configs)}\n\n"
+          f"Jobs (--job=NAME):\n{rows(jobs.JOBS)}\n")
 
 
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:
-    raise config_lib.ConfigError("Missing --workdir: the directory for checkpoints, metrics "
-                                 "and exports (e.g. --workdir=runs/demo).")
+    raise errors.ConfigError("Missing --workdir: the directory for checkpoints, metrics "
+                             "and exports (e.g. --workdir=runs/demo).")
   # Libraries (orbax above all) log every save at INFO; keep their warnings, drop the rest.
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
   from byol_jax import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  logging.info("Config:\n%s", _CONFIG.value)
-  result = run_job(_JOB.value, _CONFIG.value, _WORKDIR.value)
-  if isinstance(result, dict) and "preempted_at_step" in result:
+  result = jobs.run(_JOB.value, flags.FLAGS.config, _WORKDIR.value,
+                    allow_changed_resume=_ALLOW_CHANGED_RESUME.value)
+  if "preempted_at_step" in result:
     print(f"Preempted at step {result['preempted_at_step']}; the checkpoint is saved. Rerun the "
           "same command to resume.", file=sys.stderr)
     sys.exit(PREEMPTED_EXIT_CODE)
@@ -100,17 +68,26 @@ class _OwnInfoOnly(std_logging.Filter):
 
 
 def main():
+  if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in sys.argv[1:]):
+    print(usage() + "\nFlags:\n" + flags.FLAGS.main_module_help())
+    sys.exit(0)
   try:
-    argv = config_lib.resolve_argv(sys.argv)
-  except config_lib.ConfigError as e:
+    config, argv = config_lib.load_from_argv(sys.argv)
+  except errors.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  config_flags.DEFINE_config_dict("config", config, "The experiment config.", lock_config=True,
+                                 sys_argv=argv)
   try:
     app.run(_main, argv=argv)
   except SystemExit:
     raise
+  except KeyboardInterrupt:
+    print("error: interrupted without saving the steps since the last checkpoint; rerun the "
+          "same command to resume from it.", file=sys.stderr)
+    _exit(INTERRUPTED_EXIT_CODE)
   except Exception as e:  # pylint: disable=broad-except
-    if not _is_user_error(e) or _TRACEBACK.value:
+    if not isinstance(e, USER_ERRORS) or _TRACEBACK.value:
       if not _is_distributed():
         raise
       traceback.print_exc()
@@ -138,12 +115,6 @@ def _exit(code: int) -> None:
     sys.stderr.flush()
     os._exit(code)
   sys.exit(code)
-
-
-def _is_user_error(e: Exception) -> bool:
-  from byol_jax import pretrain  # pylint: disable=g-import-not-at-top
-  return isinstance(e, (config_lib.ConfigError, FileNotFoundError, ValueError,
-                        pretrain.NonFiniteLossError))
 
 
 if __name__ == "__main__":

@@ -16,32 +16,54 @@ import jax.numpy as jnp
 from byol_jax import resnet
 
 TARGET_MODULES = ("encoder", "projector")
+# torchvision's input normalisation, so exported encoders drop into PyTorch code.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+def preprocess(images):
+  """uint8 [0, 255] or float [0, 1] images -> normalised as torchvision does.
+
+  Every network below starts with it, so callers pass images as the pipeline
+  made them and the export's metadata names the same constants.
+  """
+  if images.dtype == jnp.uint8:
+    images = images.astype(jnp.float32) / 255.0
+  elif images.dtype == jnp.float16:  # host views travel as float16; compute is f32 or bf16
+    images = images.astype(jnp.float32)
+  return (images - jnp.asarray(IMAGE_MEAN, images.dtype)) / jnp.asarray(IMAGE_STD, images.dtype)
 
 
 class MLP(hk.Module):
-  """Linear -> BatchNorm -> ReLU -> Linear (the BYOL projector / predictor)."""
+  """Linear -> BatchNorm -> ReLU -> Linear (the BYOL projector / predictor).
 
-  def __init__(self, hidden: int, output: int, name: str):
+  The released code's output layer has no bias (`output_bias` is for older
+  checkpoints); `batch_norm=False` is the ablation without batch statistics.
+  """
+
+  def __init__(self, hidden: int, output: int, output_bias: bool, batch_norm: bool, name: str):
     super().__init__(name=name)
     self.hidden, self.output = hidden, output
+    self.output_bias, self.batch_norm = output_bias, batch_norm
 
   def __call__(self, x, is_training: bool):
     x = hk.Linear(self.hidden, name="linear1")(x)
-    x = hk.BatchNorm(True, True, resnet.BN_DECAY, eps=resnet.BN_EPS, name="bn")(
-        x, is_training=is_training)
-    return hk.Linear(self.output, name="linear2")(jax.nn.relu(x))
+    if self.batch_norm:
+      x = resnet.batch_norm(x, is_training)
+    return hk.Linear(self.output, with_bias=self.output_bias, name="linear2")(jax.nn.relu(x))
 
 
 def _encoder(model_config) -> resnet.ResNet:
   return resnet.ResNet(depth=model_config.depth, width=model_config.width,
                        stem=model_config.stem, norm=model_config.norm,
-                       zero_init_residual=model_config.get("zero_init_residual", False),
-                       base_channels=model_config.get("base_channels", 64),
-                       name="encoder")
+                       zero_init_residual=model_config.zero_init_residual,
+                       base_channels=model_config.base_channels,
+                       padding=model_config.padding, name="encoder")
 
 
 def _projector(model_config) -> MLP:
-  return MLP(model_config.projector_hidden, model_config.projection_dim, "projector")
+  return MLP(model_config.projector_hidden, model_config.projection_dim,
+             model_config.head_bias, model_config.head_norm, "projector")
 
 
 class Networks(NamedTuple):
@@ -54,10 +76,11 @@ def make_networks(model_config, num_classes: int) -> Networks:
   """Builds the transforms from the `model` block of a config."""
 
   def online(images, is_training: bool):
-    embedding = _encoder(model_config)(images, is_training)
+    embedding = _encoder(model_config)(preprocess(images), is_training)
     projection = _projector(model_config)(embedding, is_training)
-    if model_config.get("use_predictor", True):
+    if model_config.use_predictor:
       prediction = MLP(model_config.predictor_hidden, model_config.projection_dim,
+                       model_config.head_bias, model_config.head_norm,
                        "predictor")(projection, is_training)
     else:  # the paper's ablation: without a predictor BYOL collapses
       prediction = projection
@@ -67,11 +90,11 @@ def make_networks(model_config, num_classes: int) -> Networks:
                 logits=logits)
 
   def target(images, is_training: bool):
-    embedding = _encoder(model_config)(images, is_training)
+    embedding = _encoder(model_config)(preprocess(images), is_training)
     return dict(projection=_projector(model_config)(embedding, is_training))
 
   def encoder(images, is_training: bool):
-    return _encoder(model_config)(images, is_training)
+    return _encoder(model_config)(preprocess(images), is_training)
 
   return Networks(*(hk.without_apply_rng(hk.transform_with_state(f))
                     for f in (online, target, encoder)))

@@ -1,5 +1,6 @@
 """LARS and the learning-rate and EMA schedules, exactly as BYOL defines them."""
 
+import functools
 import math
 
 import jax
@@ -55,3 +56,22 @@ def lars(schedule, *, weight_decay, momentum=0.9, eta=1e-3):
 
 def ema(target, online, tau):
   return jax.tree.map(lambda t, o: tau * t + (1.0 - tau) * o, target, online)
+
+
+def schedules(config):
+  """lr(step) and tau(step) for a config with `steps` and `warmup_steps` filled in."""
+  lr = functools.partial(learning_rate, base_lr=config.optimizer.base_lr,
+                         batch_size=config.batch_size,
+                         warmup_steps=config.warmup_steps, total_steps=config.steps)
+  if config.tau_schedule == "constant":
+    tau = lambda step: jnp.full((), config.base_tau, jnp.float32)
+  else:
+    tau = functools.partial(target_decay, base_tau=config.base_tau,
+                            total_steps=config.steps)
+  return lr, tau
+
+
+def make_optimizer(config):
+  lr, _ = schedules(config)
+  return lars(lr, weight_decay=config.optimizer.weight_decay,
+              momentum=config.optimizer.momentum, eta=config.optimizer.eta)

@@ -149,14 +149,6 @@ def to_global(local_batch: Mapping[str, Any], mesh: Mesh) -> dict:
           for k, v in local_batch.items()}
 
 
-def replicate(tree, mesh: Mesh):
-  """Places a host (or single-device) pytree on every device of the mesh."""
-  sharding = replicated(mesh)
-  return jax.tree.map(
-      lambda x: jax.make_array_from_callback(np.shape(x), sharding,
-                                             lambda idx: np.asarray(x)[idx]), tree)
-
-
 def fetch(tree):
   """Fully-replicated device arrays -> numpy, without a cross-process gather."""
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array)

@@ -2,12 +2,14 @@
 
 Only process 0 reports; the other processes get a Reporter that does nothing,
 so callers never branch on the process index. TensorBoard event files are
-written with `tf.summary` (TensorFlow is already a dependency for input).
+written with the `tensorboard` package's record writer and protos, which need
+no TensorFlow.
 """
 
 import json
 import math
 import os
+import socket
 import time
 from typing import Dict, Optional
 
@@ -30,12 +32,25 @@ class Reporter:
     self._last: Optional[tuple] = None  # (time, step) at the last timed report
     if enabled:
       fileio.makedirs(workdir)
-      import tensorflow as tf  # pylint: disable=g-import-not-at-top
-      self._tf = tf
-      self._writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name))
+      self._writer = EventWriter(os.path.join(workdir, "tensorboard", name))
 
   def start_timer(self, step: int) -> None:
     self._last = (time.perf_counter(), step)
+
+  def drop_after(self, step: int) -> None:
+    """Drops the metrics rows past `step` (and a row cut short by a kill): a run
+    resumed at `step` writes them again, so each step stays in the file once."""
+    if not self.enabled or not fileio.exists(self.jsonl_path):
+      return
+    text = fileio.read_text(self.jsonl_path)
+    lines = [line for line in text.splitlines() if line.strip()]
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) <= step]
+    if kept == lines and text.endswith("\n"):
+      return
+    fileio.write_text(self.jsonl_path, "".join(line + "\n" for line in kept))
+    if len(kept) < len(lines):
+      print(f"[{self.name}] resuming at step {step}: dropped {len(lines) - len(kept)} metrics "
+            f"row(s) past it from {self.jsonl_path}; they are written again.", flush=True)
 
   def write(self, step: int, metrics: Dict[str, float], *, timed: bool = True) -> None:
     """Reports metrics at `step`; with `timed`, adds steps/s, images/s and the ETA."""
@@ -55,10 +70,7 @@ class Reporter:
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
     print(f"[{self.name}] step {step}/{self.total_steps} | {shown}{eta_text}", flush=True)
     fileio.append_text(self.jsonl_path, json.dumps({"step": step, **metrics}) + "\n")
-    with self._writer.as_default():
-      for k, v in metrics.items():
-        self._tf.summary.scalar(k, v, step=step)
-    self._writer.flush()
+    self._writer.scalars(step, metrics)
 
   def plot(self, path: Optional[str] = None) -> Optional[str]:
     """Draws the curves of metrics.jsonl into a PNG; returns its path."""
@@ -86,8 +98,51 @@ class Reporter:
     return path
 
 
+class EventWriter:
+  """Appends scalar summaries to a TensorBoard event file in `logdir`, without TensorFlow.
+
+  The file is a TFRecord stream of `Event` protos, the first naming the format
+  version, as `tf.summary` writes it; scalars go as `simple_value`s, which
+  TensorBoard reads as its scalar plots.
+  """
+
+  def __init__(self, logdir: str):
+    # pylint: disable=g-import-not-at-top  # protobuf modules: only when reporting
+    from tensorboard.compat.proto import event_pb2, summary_pb2
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    fileio.makedirs(logdir)
+    # tf.summary's naming, so TensorBoard orders the files of a resumed run.
+    name = (f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
+            ".byol_jax.v2")
+    self.path = os.path.join(logdir, name)
+    self._file = fileio.open_for_writing(self.path)
+    self._records = RecordWriter(self._file)
+    self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def scalars(self, step: int, values: Dict[str, float]) -> None:
+    summary = self._summary(value=[self._summary.Value(tag=k, simple_value=float(v))
+                                   for k, v in values.items()])
+    self._write(self._event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def _write(self, event) -> None:
+    self._records.write(event.SerializeToString())
+    self._file.flush()
+
+  def close(self) -> None:
+    self._file.close()
+
+
 def read_jsonl(path: str):
   return [json.loads(line) for line in fileio.read_text(path).splitlines() if line.strip()]
+
+
+def _row_step(line: str) -> Optional[int]:
+  """The step of a metrics row; None for a partial row (a kill mid-write)."""
+  try:
+    return int(json.loads(line)["step"])
+  except (ValueError, KeyError, TypeError):
+    return None
 
 
 def _fmt(v: float) -> str:

@@ -1,16 +1,19 @@
 """ResNet v1 encoders (torchvision layout) in Haiku.
 
 Our own torso rather than `hk.nets.ResNet`, for three reasons: Haiku's hard-codes
-the stem max-pool and a logits layer; its "SAME" padding is asymmetric for
-stride-2 layers, so weights would not carry over to PyTorch (explicit symmetric
-padding, as torchvision does, makes the export exact); and it has no
-GroupNorm + Weight Standardisation variant.
+the stem max-pool and a logits layer; it has no GroupNorm + Weight
+Standardisation variant; and its "SAME" padding is asymmetric at stride 2 (one
+pixel more at the bottom/right), which torchvision cannot express. The default
+`padding="torchvision"` pads symmetrically, as torchvision does;
+`padding="haiku_same"` pads as Haiku does, to run DeepMind's released BYOL
+weights (see `reference_checkpoint.py`).
 
 Module names follow torchvision (`conv1`, `bn1`, `layer1_0`, `downsample_conv`,
-...) so that `export.py` is a plain renaming.
+...) so that the torchvision export is a plain renaming. `layout` is the one
+statement of the block structure; the network and the export both read it.
 """
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Tuple
 
 import haiku as hk
 import jax
@@ -30,11 +33,64 @@ ARCHITECTURES = {
 }
 NORMS = ("batch", "group_ws")
 STEMS = ("imagenet", "cifar")
+PADDINGS = ("torchvision", "haiku_same")
+MAX_WIDTH = 4
+WS_EPS = 1e-10  # weight standardisation's variance epsilon (the export folds it in too)
+
+
+class BlockSpec(NamedTuple):
+  """One residual block: where it sits, its widths, stride and shortcut."""
+  stage: int          # 0..3 (torchvision's layer1..layer4)
+  index: int          # position in its stage
+  kind: str           # "basic" | "bottleneck"
+  in_channels: int
+  channels: int       # width of the inner convolutions
+  out_channels: int
+  stride: int         # on the 3x3 convolution ("v1.5") and on the shortcut
+  downsample: bool    # projection shortcut (1x1 conv + norm) iff the shape changes
+
+  @property
+  def name(self) -> str:
+    return f"layer{self.stage + 1}_{self.index}"
+
+
+def check_architecture(depth, width, stem: str, norm: str, padding: str,
+                       base_channels: int = 64) -> None:
+  """Raises a ValueError naming the config field to change if `ResNet` cannot build this."""
+  if depth not in ARCHITECTURES:
+    raise ValueError(f"ResNet depth {depth!r} is not supported: model.depth must be one of "
+                     f"{sorted(ARCHITECTURES)}.")
+  if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
+    raise ValueError(f"ResNet width {width!r} is not supported: model.width must be an "
+                     f"integer in 1..{MAX_WIDTH}.")
+  if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 1:
+    raise ValueError(f"base_channels {base_channels!r} is not supported: "
+                     "model.base_channels must be a positive integer (64 for standard ResNets).")
+  for field, value, choices in (("stem", stem, STEMS), ("norm", norm, NORMS),
+                                ("padding", padding, PADDINGS)):
+    if value not in choices:
+      raise ValueError(f"Unknown {field} {value!r}: model.{field} must be one of {choices}.")
+
+
+def layout(depth: int, width: int = 1, base_channels: int = 64) -> Tuple[BlockSpec, ...]:
+  """Every residual block of the encoder, in order."""
+  kind, stage_sizes = ARCHITECTURES[depth]
+  expansion = 4 if kind == "bottleneck" else 1
+  stem_channels = base_channels * width
+  blocks, in_channels = [], stem_channels
+  for stage, num_blocks in enumerate(stage_sizes):
+    channels = stem_channels * 2**stage
+    for index in range(num_blocks):
+      stride = 2 if (stage > 0 and index == 0) else 1
+      out_channels = channels * expansion
+      blocks.append(BlockSpec(stage, index, kind, in_channels, channels, out_channels, stride,
+                              downsample=stride != 1 or in_channels != out_channels))
+      in_channels = out_channels
+  return tuple(blocks)
 
 
 def embedding_dim(depth: int, width: int = 1, base_channels: int = 64) -> int:
-  kind, _ = ARCHITECTURES[depth]
-  return 8 * base_channels * width * (4 if kind == "bottleneck" else 1)
+  return layout(depth, width, base_channels)[-1].out_channels
 
 
 class WSConv2D(hk.Conv2D):
@@ -46,10 +102,23 @@ class WSConv2D(hk.Conv2D):
     w = hk.get_parameter("w", w_shape, inputs.dtype, init=self.w_init)
     mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
     var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
-    w = (w - mean) * jax.lax.rsqrt(var + 1e-10)
+    w = (w - mean) * jax.lax.rsqrt(var + WS_EPS)
     return jax.lax.conv_general_dilated(
         inputs, w, window_strides=self.stride, padding=self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def batch_norm(x, is_training: bool, scale_init=jnp.ones, name: str = "bn"):
+  """Haiku's BatchNorm computed in float32 whatever the compute dtype.
+
+  It takes the variance as E[x^2] - E[x]^2, which cancels catastrophically in
+  bfloat16 (NaN losses within tens of steps); float32 statistics are the usual
+  mixed-precision rule. Under jit with a batch-sharded input the mean over the
+  batch is already a global (cross-replica) mean: XLA inserts the all-reduce.
+  """
+  y = hk.BatchNorm(True, True, BN_DECAY, eps=BN_EPS, scale_init=scale_init, name=name)(
+      x.astype(jnp.float32), is_training=is_training)
+  return y.astype(x.dtype)
 
 
 class Norm(hk.Module):
@@ -62,46 +131,51 @@ class Norm(hk.Module):
 
   def __call__(self, x, is_training: bool):
     if self.norm == "batch":
-      # Under jit with a batch-sharded input the mean over axis 0 is already a
-      # global (cross-replica) mean: XLA inserts the all-reduce.
-      return hk.BatchNorm(True, True, BN_DECAY, eps=BN_EPS, scale_init=self.scale_init,
-                          name="bn")(x, is_training=is_training)
+      return batch_norm(x, is_training, self.scale_init)
     groups = min(32, x.shape[-1])  # narrow (base_channels < 64) nets have fewer channels
     return hk.GroupNorm(groups=groups, eps=BN_EPS, scale_init=self.scale_init, name="gn")(x)
 
 
-def conv(norm: str, channels: int, kernel: int, stride: int, name: str):
+def conv(norm: str, channels: int, kernel: int, stride: int, name: str,
+         padding: str = "torchvision"):
   cls = WSConv2D if norm == "group_ws" else hk.Conv2D
   pad = kernel // 2
-  return cls(channels, kernel, stride=stride, padding=((pad, pad), (pad, pad)),
-             with_bias=False,
+  # "SAME" (Haiku, TF) pads for an output of ceil(n / stride), any odd pixel after. For
+  # these odd kernels that is torchvision's kernel // 2 on both sides, except at stride 2
+  # on an even n, where it pads one pixel less before.
+  pads = "SAME" if padding == "haiku_same" else ((pad, pad), (pad, pad))
+  return cls(channels, kernel, stride=stride, padding=pads, with_bias=False,
              w_init=hk.initializers.VarianceScaling(2.0, "fan_out", "normal"),
              name=name)
 
 
 class Block(hk.Module):
-  """Basic (two 3x3) or bottleneck (1x1, 3x3, 1x1) residual block, stride on the 3x3."""
+  """Basic (two 3x3) or bottleneck (1x1, 3x3, 1x1) residual block, stride on the 3x3.
 
-  def __init__(self, kind: str, channels: int, stride: int, downsample: bool,
-               norm: str, zero_init_residual: bool, name: str):
-    super().__init__(name=name)
-    self.kind, self.channels, self.stride = kind, channels, stride
-    self.downsample, self.norm, self.zero_init = downsample, norm, zero_init_residual
+  The same block as `hk.nets.ResNet`'s BlockV1 with `bottleneck=True`, which
+  also strides its 3x3 (`conv_1`).
+  """
+
+  def __init__(self, spec: BlockSpec, norm: str, padding: str, zero_init_residual: bool):
+    super().__init__(name=spec.name)
+    self.spec, self.norm, self.padding = spec, norm, padding
+    self.zero_init = zero_init_residual
 
   def __call__(self, x, is_training):
-    c, s, n = self.channels, self.stride, self.norm
-    if self.kind == "basic":
+    c, s = self.spec.channels, self.spec.stride
+    if self.spec.kind == "basic":
       layers = [(c, 3, s), (c, 3, 1)]
     else:
-      layers = [(c, 1, 1), (c, 3, s), (4 * c, 1, 1)]
+      layers = [(c, 1, 1), (c, 3, s), (self.spec.out_channels, 1, 1)]
+    conv_ = lambda *args: conv(self.norm, *args, padding=self.padding)
     shortcut = x
-    if self.downsample:
-      shortcut = conv(n, layers[-1][0], 1, s, "downsample_conv")(x)
-      shortcut = Norm(n, name="downsample_norm")(shortcut, is_training)
+    if self.spec.downsample:
+      shortcut = conv_(self.spec.out_channels, 1, s, "downsample_conv")(x)
+      shortcut = Norm(self.norm, name="downsample_norm")(shortcut, is_training)
     for i, (channels, kernel, stride) in enumerate(layers, start=1):
-      x = conv(n, channels, kernel, stride, f"conv{i}")(x)
+      x = conv_(channels, kernel, stride, f"conv{i}")(x)
       last = i == len(layers)
-      x = Norm(n, zero_init=last and self.zero_init, name=f"bn{i}")(x, is_training)
+      x = Norm(self.norm, zero_init=last and self.zero_init, name=f"bn{i}")(x, is_training)
       if not last:
         x = jax.nn.relu(x)
     return jax.nn.relu(x + shortcut)
@@ -112,40 +186,26 @@ class ResNet(hk.Module):
 
   def __init__(self, depth: int = 50, width: int = 1, stem: str = "imagenet",
                norm: str = "batch", zero_init_residual: bool = False,
-               base_channels: int = 64, name: Optional[str] = "encoder"):
+               base_channels: int = 64, padding: str = "torchvision",
+               name: Optional[str] = "encoder"):
     super().__init__(name=name)
-    if depth not in ARCHITECTURES:
-      raise ValueError(f"ResNet depth {depth} is not supported; use one of {sorted(ARCHITECTURES)}.")
-    if stem not in STEMS:
-      raise ValueError(f"Unknown stem {stem!r}; use one of {STEMS}.")
-    if norm not in NORMS:
-      raise ValueError(f"Unknown norm {norm!r}; use one of {NORMS}.")
-    if not (isinstance(width, int) and 1 <= width <= 4):
-      raise ValueError(f"ResNet width multiplier must be an integer in 1..4, got {width!r}.")
-    self.kind, self.stage_sizes = ARCHITECTURES[depth]
-    self.width, self.stem, self.norm = width, stem, norm
-    self.zero_init_residual = zero_init_residual
+    check_architecture(depth, width, stem, norm, padding, base_channels)
     # 64 is every standard ResNet; smaller values give narrow nets for CPU demos and tests.
-    self.base = base_channels * width
+    self.blocks = layout(depth, width, base_channels)
+    self.stem_channels = base_channels * width
+    self.stem, self.norm, self.padding = stem, norm, padding
+    self.zero_init_residual = zero_init_residual
 
   def __call__(self, x, is_training: bool):
-    n = self.norm
+    n, p = self.norm, self.padding
     if self.stem == "imagenet":
-      x = conv(n, self.base, 7, 2, "conv1")(x)
+      x = conv(n, self.stem_channels, 7, 2, "conv1", p)(x)
     else:
-      x = conv(n, self.base, 3, 1, "conv1")(x)
+      x = conv(n, self.stem_channels, 3, 1, "conv1", p)(x)
     x = jax.nn.relu(Norm(n, name="bn1")(x, is_training))
     if self.stem == "imagenet":
-      x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1),
-                                ((0, 0), (1, 1), (1, 1), (0, 0)))
-    expansion = 4 if self.kind == "bottleneck" else 1
-    in_channels = self.base
-    for stage, num_blocks in enumerate(self.stage_sizes):
-      channels = self.base * 2**stage
-      for b in range(num_blocks):
-        stride = 2 if (stage > 0 and b == 0) else 1
-        downsample = b == 0 and (stride != 1 or in_channels != channels * expansion)
-        x = Block(self.kind, channels, stride, downsample, n, self.zero_init_residual,
-                  name=f"layer{stage + 1}_{b}")(x, is_training)
-        in_channels = channels * expansion
+      pads = "SAME" if p == "haiku_same" else ((0, 0), (1, 1), (1, 1), (0, 0))
+      x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pads)
+    for spec in self.blocks:
+      x = Block(spec, n, p, self.zero_init_residual)(x, is_training)
     return jnp.mean(x, axis=(1, 2))

@@ -6,7 +6,6 @@ per view, as in the reference), the symmetric loss and the probe's loss, the
 LARS update and the target EMA.
 """
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import haiku as hk
@@ -15,11 +14,7 @@ import jax.numpy as jnp
 import optax
 
 from byol_jax import networks as networks_lib
-from byol_jax import objectives, optim, parallel
-
-# torchvision's input normalisation, so exported encoders drop into PyTorch code.
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
+from byol_jax import device_crop, objectives, optim, parallel
 
 
 class TrainState(NamedTuple):
@@ -30,34 +25,6 @@ class TrainState(NamedTuple):
   target_params: hk.Params
   target_state: hk.State
   opt_state: Any
-
-
-def normalize(images):
-  return (images - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
-
-
-def to_float_images(images):
-  """uint8 [0, 255] (what the host sends) -> float32 [0, 1]."""
-  return images.astype(jnp.float32) / 255.0 if images.dtype == jnp.uint8 else images
-
-
-def schedules(config):
-  """lr(step) and tau(step) for a config with `steps` and `warmup_steps` filled in."""
-  lr = functools.partial(optim.learning_rate, base_lr=config.optimizer.base_lr,
-                         batch_size=config.batch_size,
-                         warmup_steps=config.warmup_steps, total_steps=config.steps)
-  if config.get("tau_schedule", "cosine") == "constant":
-    tau = lambda step: jnp.full((), config.base_tau, jnp.float32)
-  else:
-    tau = functools.partial(optim.target_decay, base_tau=config.base_tau,
-                            total_steps=config.steps)
-  return lr, tau
-
-
-def make_optimizer(config):
-  lr, _ = schedules(config)
-  return optim.lars(lr, weight_decay=config.optimizer.weight_decay,
-                    momentum=config.optimizer.momentum, eta=config.optimizer.eta)
 
 
 def init_state(config, nets: networks_lib.Networks, optimizer, image_shape, seed: int) -> TrainState:
@@ -75,26 +42,21 @@ def init_state(config, nets: networks_lib.Networks, optimizer, image_shape, seed
 AugmentFn = Callable[[jax.Array, jax.Array, int], jax.Array]
 
 
-def plain_views(images, key, view):
-  """No device-side augmentation: uint8 -> float. Used when the host did it all."""
-  del key, view
-  return to_float_images(images)
-
-
-def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh,
-                   augment: AugmentFn = plain_views):
+def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment: AugmentFn):
   """Returns jitted `update(state, batch) -> (state, metrics)`.
 
   `batch` holds `view1`, `view2` (uint8 or float, [B, H, W, 3]) and `label`
-  (int32, -1 for unlabelled), sharded along the mesh's data axis. `augment`
+  (int32, -1 for unlabelled), sharded along the mesh's data axis; or, from
+  in-memory sources, `image` (uint8 [B, H, W, 3]) and `crop_seed` (uint32
+  [B, 2, 2]) instead of the views, which `device_crop` then cuts here. `augment`
   takes (images, key, view_index) and returns float views in [0, 1]; it gets
   one key per view and must split it per example of the global batch (as
-  `augment.device_augment` does), so no two examples on any device share
+  `device_augment.device_augment` does), so no two examples on any device share
   randomness and the result does not depend on the device count.
   """
-  lr_fn, tau_fn = schedules(config)
-  compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
-  merge_views = config.model.get("merge_views_bn", False)
+  lr_fn, tau_fn = optim.schedules(config)
+  compute_dtype = jnp.dtype(config.compute_dtype)
+  merge_views = config.model.merge_views_bn
   projection_dim = config.model.projection_dim
 
   def cast(tree):
@@ -129,8 +91,9 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh,
   def update(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
     key1, key2 = jax.random.split(key)
-    view1 = normalize(augment(batch["view1"], key1, 0))
-    view2 = normalize(augment(batch["view2"], key2, 1))
+    raw1, raw2 = device_crop.batch_views(config, batch)  # cut here from in-memory sources
+    view1 = augment(raw1, key1, 0)
+    view2 = augment(raw2, key2, 1)
     grads, aux = jax.grad(loss_fn, has_aux=True)(state.online_params, state, view1, view2,
                                                  batch["label"])
     updates, opt_state = optimizer.update(grads, state.opt_state, state.online_params)
@@ -153,8 +116,7 @@ def make_embed_fn(nets: networks_lib.Networks, mesh):
   """Jitted eval forward: images -> {embedding, projection, logits}, BN in inference mode."""
 
   def embed(online_params, online_state, images):
-    out, _ = nets.online.apply(online_params, online_state, normalize(to_float_images(images)),
-                               False)
+    out, _ = nets.online.apply(online_params, online_state, images, False)
     return {k: out[k] for k in ("embedding", "projection", "logits")}
 
   repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)

@@ -152,10 +152,7 @@ def check_overrides(args) -> None:
   if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
   from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
-  try:
-    config_lib.resolve_argv(["byol_jax.main", f"--config={args.config}", *args.overrides])
-  except config_lib.ConfigError as e:
-    sys.exit(f"error: {e}")
+  config_lib.exit_on_bad_command_line(args.config, args.overrides)
 
 
 def _failure_hint(args, stage: str) -> str:

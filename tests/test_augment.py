@@ -12,7 +12,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from byol_jax import augment
+from byol_jax import device_augment, host_augment, tf_import
 from byol_jax.configs import base
 
 N_DRAWS = 4000
@@ -33,8 +33,8 @@ def binomial_ok(count, n, p, sigmas=5.0):
   return abs(count / n - p) <= sigmas * sd + 1e-9
 
 
-def run(images, cfg, seed=0):
-  fn = jax.jit(functools.partial(augment.device_augment, view_config=cfg))
+def run(images, cfg, seed=0, color="tf_image"):
+  fn = jax.jit(functools.partial(device_augment.device_augment, view_config=cfg, color=color))
   return np.asarray(fn(jnp.asarray(images), jax.random.PRNGKey(seed)))
 
 
@@ -87,9 +87,10 @@ def test_grayscale_fraction_matches_probability():
 
 
 def test_blur_fraction_matches_probability():
-  # A checkerboard loses most of its contrast under blur with sigma >= 1.
-  board = (np.indices((16, 16)).sum(0) % 2 * 255).astype(np.uint8)
-  images = np.broadcast_to(board[None, :, :, None], (N_DRAWS, 16, 16, 3)).copy()
+  # A checkerboard loses most of its contrast under blur with sigma >= 1 (32 px:
+  # radius 1; below 20 px the reference's kernel has one tap and does nothing).
+  board = (np.indices((32, 32)).sum(0) % 2 * 255).astype(np.uint8)
+  images = np.broadcast_to(board[None, :, :, None], (N_DRAWS, 32, 32, 3)).copy()
   out = run(images, view(blur_prob=0.4, blur_sigma=(1.0, 2.0)))
   blurred = out.std(axis=(1, 2, 3)) < 0.3
   unchanged = np.all(np.isclose(out, images / 255.0, atol=1e-6), axis=(1, 2, 3))
@@ -117,15 +118,15 @@ def test_sampled_decisions_match_default_view_probabilities():
   c = base.get_base_config()
   keys = jax.random.split(jax.random.PRNGKey(7), N_DRAWS)
   for cfg in (c.augment.view1, c.augment.view2):
-    params = jax.vmap(lambda k, cfg=cfg: augment.sample_view_params(k, cfg))(keys)
+    params = jax.vmap(lambda k, cfg=cfg: device_augment.sample_view_params(k, cfg))(keys)
     for flag, prob in (("jitter", cfg.color_jitter_prob), ("grayscale", cfg.grayscale_prob),
                        ("blur", cfg.blur_prob), ("solarize", cfg.solarize_prob)):
       assert binomial_ok(int(np.sum(params[flag])), N_DRAWS, prob), (flag, prob)
     lo, hi = cfg.blur_sigma
     assert lo <= float(params["sigma"].min()) and float(params["sigma"].max()) <= hi
     assert float(np.abs(params["hue"]).max()) <= cfg.hue
-    b = np.asarray(params["brightness"])
-    assert b.min() >= 1 - cfg.brightness - 1e-6 and b.max() <= 1 + cfg.brightness + 1e-6
+    delta = np.asarray(params["brightness"])  # tf_image: an additive delta
+    assert np.abs(delta).max() <= cfg.brightness + 1e-6 and delta.min() < 0 < delta.max()
     orders = np.asarray(params["order"])
     assert (np.sort(orders, axis=1) == np.arange(4)).all()
     # All 24 orders occur, each about 1/24 of the time.
@@ -137,7 +138,7 @@ def test_adjust_hue_matches_colorsys():
   rgb = np.random.default_rng(4).random((500, 3)).astype(np.float32)
   rgb[:5] = [[0.3, 0.3, 0.3], [1, 0, 0], [0, 0, 0], [1, 1, 1], [0.2, 0.9, 0.9]]
   for delta in (0.0, 0.1, -0.37, 0.5):
-    got = np.asarray(augment.adjust_hue(jnp.asarray(rgb), delta))
+    got = np.asarray(device_augment.adjust_hue(jnp.asarray(rgb), delta))
     want = []
     for r, g, b in rgb:
       h, s, v = colorsys.rgb_to_hsv(r, g, b)
@@ -145,34 +146,71 @@ def test_adjust_hue_matches_colorsys():
     np.testing.assert_allclose(got, np.asarray(want), atol=2e-5)
 
 
-def test_color_jitter_applies_ops_in_the_sampled_order():
+JITTER_OPS = {
+    "tf_image": (device_augment.adjust_brightness, device_augment.adjust_contrast,
+                 device_augment.adjust_saturation, device_augment.adjust_hue),
+    "torchvision": (device_augment.torchvision_brightness, device_augment.torchvision_contrast,
+                    device_augment.torchvision_saturation, device_augment.adjust_hue),
+}
+
+
+@pytest.mark.parametrize("color", sorted(JITTER_OPS))
+def test_color_jitter_applies_ops_in_the_sampled_order(color):
   rng = np.random.default_rng(5)
   image = jnp.asarray(rng.random((6, 6, 3)), jnp.float32)
-  params = dict(brightness=jnp.float32(1.3), contrast=jnp.float32(0.7),
-                saturation=jnp.float32(1.2), hue=jnp.float32(0.08))
-  ops = [lambda x: augment.adjust_brightness(x, params["brightness"]),
-         lambda x: augment.adjust_contrast(x, params["contrast"]),
-         lambda x: augment.adjust_saturation(x, params["saturation"]),
-         lambda x: augment.adjust_hue(x, params["hue"])]
+  params = dict(brightness=jnp.float32(0.3 if color == "tf_image" else 1.3),
+                contrast=jnp.float32(0.7), saturation=jnp.float32(1.2), hue=jnp.float32(0.08))
+  values = [params[k] for k in ("brightness", "contrast", "saturation", "hue")]
   outputs = []
   for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 2], [2, 0, 3, 1]):
     want = image
     for op in order:
-      want = jnp.clip(ops[op](want), 0.0, 1.0)
-    got = augment.color_jitter(image, dict(params, order=jnp.asarray(order)))
+      want = jnp.clip(JITTER_OPS[color][op](want, values[op]), 0.0, 1.0)
+    got = device_augment.color_jitter(image, dict(params, order=jnp.asarray(order)), color)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
     outputs.append(np.asarray(got))
   assert np.abs(outputs[0] - outputs[1]).max() > 1e-3  # the order matters
 
 
+def test_torchvision_ops_are_blends():
+  image = jnp.asarray(np.random.default_rng(13).random((5, 7, 3)), jnp.float32)
+  gray = np.asarray(image) @ np.array([0.2989, 0.587, 0.114])
+  np.testing.assert_allclose(device_augment.torchvision_brightness(image, 0.0), 0.0)
+  np.testing.assert_allclose(device_augment.torchvision_saturation(image, 0.0),
+                             np.repeat(gray[..., None], 3, -1), atol=1e-6)
+  np.testing.assert_allclose(device_augment.torchvision_contrast(image, 0.0), gray.mean(),
+                             atol=1e-6)
+
+
 def test_gaussian_blur_kernel_and_borders():
-  assert augment.blur_kernel_radius(224) == 11 and augment.blur_kernel_radius(32) == 1
+  radius = device_augment.blur_kernel_radius
+  assert (radius(224), radius(96), radius(32), radius(16)) == (11, 4, 1, 0)
   const = jnp.full((20, 20, 3), 0.4)
-  np.testing.assert_allclose(augment.gaussian_blur(const, 1.5, 2), 0.4, atol=1e-6)
+  # Reflected borders (torchvision) keep a constant image; zero padding (the
+  # reference) darkens only the `radius` pixels next to each border.
+  np.testing.assert_allclose(device_augment.gaussian_blur(const, 1.5, 2, "reflect"), 0.4,
+                             atol=1e-6)
+  zero = np.asarray(device_augment.gaussian_blur(const, 1.5, 2))
+  np.testing.assert_allclose(zero[2:-2, 2:-2], 0.4, atol=1e-6)
+  assert zero[0, 0, 0] < zero[1, 1, 0] < 0.4
   impulse = jnp.zeros((21, 21, 1)).at[10, 10, 0].set(1.0)
-  out = np.asarray(augment.gaussian_blur(impulse, 1.0, 3))[..., 0]
+  out = np.asarray(device_augment.gaussian_blur(impulse, 1.0, 3))[..., 0]
   assert abs(out.sum() - 1.0) < 1e-5 and out[10, 10] == out.max()
   np.testing.assert_allclose(out, out.T, atol=1e-7)
+
+
+def test_make_augment_fn_follows_the_color_style():
+  c = base.get_base_config()
+  images = np.random.default_rng(14).integers(0, 256, (8, 24, 24, 3), np.uint8)
+  key = jax.random.PRNGKey(4)
+  ref = device_augment.make_augment_fn(c)(images, key, 0)
+  c.augment.style = "torchvision"
+  tv = device_augment.make_augment_fn(c)(images, key, 0)
+  np.testing.assert_allclose(tv, device_augment.device_augment(images, key, c.augment.view1,
+                                                               "torchvision"), atol=1e-6)
+  assert np.abs(np.asarray(tv) - np.asarray(ref)).max() > 1e-2
+  c.augment.color = "tf_image"  # an explicit field wins over the style
+  np.testing.assert_allclose(device_augment.make_augment_fn(c)(images, key, 0), ref, atol=1e-6)
 
 
 def test_examples_are_independent_of_their_batch_neighbours():
@@ -191,11 +229,11 @@ def test_jitted_batch_matches_eager_per_example():
   cfg = base.get_base_config().augment.view1
   images = np.random.default_rng(12).integers(0, 256, (16, 16, 16, 3), np.uint8)
   keys = jax.random.split(jax.random.PRNGKey(3), 16)
-  params = jax.vmap(lambda k: augment.sample_view_params(k, cfg))(keys)
+  params = jax.vmap(lambda k: device_augment.sample_view_params(k, cfg))(keys)
   x = jnp.asarray(images, jnp.float32) / 255.0
   batched = np.asarray(jax.jit(jax.vmap(
-      lambda i, p: augment.apply_view_params(i, p, cfg)))(x, params))
-  one = jax.jit(lambda i, p: augment.apply_view_params(i, p, cfg))
+      lambda i, p: device_augment.apply_view_params(i, p, cfg)))(x, params))
+  one = jax.jit(lambda i, p: device_augment.apply_view_params(i, p, cfg))
   for row in range(16):
     single = one(x[row], {k: v[row] for k, v in params.items()})
     np.testing.assert_allclose(batched[row], np.asarray(single), atol=1e-5)
@@ -206,7 +244,7 @@ def test_result_does_not_depend_on_sharding():
   assert len(devices) == 8, "conftest.py asks XLA for 8 CPU devices"
   images = np.random.default_rng(7).integers(0, 256, (16, 16, 16, 3), np.uint8)
   cfg = base.get_base_config().augment.view1
-  fn = jax.jit(functools.partial(augment.device_augment, view_config=cfg))
+  fn = jax.jit(functools.partial(device_augment.device_augment, view_config=cfg))
   key = jax.random.PRNGKey(3)
   single = np.asarray(fn(jnp.asarray(images), key))
   mesh = Mesh(np.asarray(devices), ("data",))
@@ -218,15 +256,15 @@ def test_vmappable_over_batches_and_make_augment_fn():
   c = base.get_base_config()
   images = np.random.default_rng(8).integers(0, 256, (2, 3, 8, 8, 3), np.uint8)
   keys = jax.random.split(jax.random.PRNGKey(0), 2)
-  out = jax.vmap(lambda x, k: augment.device_augment(x, k, c.augment.view2))(images, keys)
+  out = jax.vmap(lambda x, k: device_augment.device_augment(x, k, c.augment.view2))(images, keys)
   assert out.shape == images.shape
-  np.testing.assert_allclose(out[1], augment.device_augment(images[1], keys[1], c.augment.view2),
-                             atol=1e-6)
-  fn = augment.make_augment_fn(c)
+  np.testing.assert_allclose(
+      out[1], device_augment.device_augment(images[1], keys[1], c.augment.view2), atol=1e-6)
+  fn = device_augment.make_augment_fn(c)
   np.testing.assert_allclose(fn(images[0], keys[0], 1),
-                             augment.device_augment(images[0], keys[0], c.augment.view2))
+                             device_augment.device_augment(images[0], keys[0], c.augment.view2))
   with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
-    augment.device_augment(images[0, 0], keys[0], c.augment.view1)
+    device_augment.device_augment(images[0, 0], keys[0], c.augment.view1)
 
 
 # ---------------------------------------------------------------------------
@@ -235,39 +273,56 @@ def test_vmappable_over_batches_and_make_augment_fn():
 
 @pytest.fixture(scope="module")
 def tf():
-  return augment.import_tensorflow()
+  return tf_import.import_tensorflow()
 
 
-def _windows(tf, height, width, area, aspect, n=2000):
-  fn = tf.function(lambda s: augment.sample_crop_window(s, height, width, area, aspect))
-  return np.stack([fn(tf.constant([11, i], tf.int64)).numpy() for i in range(n)])
+def _windows(tf, height, width, area, aspect, n=2000, crop="reference"):
+  fn = tf.function(lambda seeds: tf.map_fn(
+      lambda seed: host_augment.sample_crop_window(seed, height, width, area, aspect, crop), seeds,
+      fn_output_signature=tf.int32))
+  return fn(tf.stack([tf.fill([n], tf.constant(11, tf.int64)), tf.range(n, dtype=tf.int64)], 1)
+            ).numpy()
 
 
-def test_crop_windows_stay_within_bounds(tf):
+@pytest.mark.parametrize("crop", ["reference", "inception"])
+def test_crop_windows_stay_within_bounds(tf, crop):
   height, width = 90, 160
-  w = _windows(tf, height, width, (0.08, 1.0), (3 / 4, 4 / 3))
+  w = _windows(tf, height, width, (0.08, 1.0), (3 / 4, 4 / 3), crop=crop)
   y, x, h, cw = w.T
   assert (y >= 0).all() and (x >= 0).all() and (y + h <= height).all() and (x + cw <= width).all()
   area = h * cw / (height * width)
   # Sides are rounded to whole pixels: allow one pixel of slack on each.
   slack = (h + 1) * (cw + 1) / (height * width) - area
-  assert (area >= 0.08 - slack).all() and (area <= 1.0 + 1e-9).all()
   ratio = cw / h
-  assert (ratio >= 3 / 4 * (1 - 1 / h) - 1e-9).all() and (ratio <= 4 / 3 * (1 + 1 / h)).all()
-  # Log-uniform aspect: log ratios centred on 0 for this symmetric range.
-  assert abs(np.median(np.log(ratio))) < 0.05
+  # The reference clamps a side that does not fit, so only unclamped windows keep
+  # the drawn area and aspect; the Inception crop redraws instead.
+  kept = (h < height) & (cw < width) if crop == "reference" else np.ones_like(h, bool)
+  assert (area[kept] >= 0.08 - slack[kept]).all() and (area <= 1.0 + 1e-9).all()
+  assert (ratio[kept] >= 3 / 4 * (1 - 1 / h[kept]) - 1e-9).all()
+  assert (ratio[kept] <= 4 / 3 * (1 + 1 / h[kept])).all()
+  assert kept.mean() > 0.5
+  if crop == "inception":  # log-uniform aspect: log ratios centred on 0 (symmetric range)
+    assert abs(np.median(np.log(ratio))) < 0.05
   # Offsets spread over the image (not always centred).
   assert len(np.unique(y)) > 20 and len(np.unique(x)) > 20
 
 
-def test_crop_falls_back_to_centre_crop(tf):
+def test_inception_crop_falls_back_to_centre_crop(tf):
   # A 2:1 to 3:1 aspect with the whole area cannot fit in a square image.
-  w = _windows(tf, 40, 40, (1.0, 1.0), (2.0, 3.0), n=5)
+  w = _windows(tf, 40, 40, (1.0, 1.0), (2.0, 3.0), n=5, crop="inception")
   np.testing.assert_array_equal(w, np.tile([[10, 0, 20, 40]], (5, 1)))
-  # A 5x5 image still gives valid (tiny) windows.
-  w = _windows(tf, 5, 5, (0.08, 1.0), (3 / 4, 4 / 3), n=200)
+  # The reference clamps instead: full width, height sqrt(1600 / ratio) rounded.
+  w = _windows(tf, 40, 40, (1.0, 1.0), (2.0, 3.0), n=200)
+  assert (w[:, 3] == 40).all() and (w[:, 2] >= 23).all() and (w[:, 2] <= 28).all()
+
+
+@pytest.mark.parametrize("crop", ["reference", "inception"])
+def test_tiny_images_give_valid_windows(tf, crop):
+  w = _windows(tf, 5, 5, (0.08, 1.0), (3 / 4, 4 / 3), n=200, crop=crop)
   assert (w[:, 2] >= 1).all() and (w[:, 3] >= 1).all()
   assert (w[:, 0] + w[:, 2] <= 5).all() and (w[:, 1] + w[:, 3] <= 5).all()
+  with pytest.raises(ValueError, match="config.augment.crop"):
+    host_augment.sample_crop_window(tf.constant([1, 2], tf.int64), 5, 5, (0.1, 1), (1, 1), "x")
 
 
 def _png(array):
@@ -276,43 +331,58 @@ def _png(array):
   return buffer.getvalue()
 
 
-def test_flip_fraction_and_full_crop_is_exact(tf):
+def as_unit(views):
+  """Host views (uint8, or float in [0, 1]) -> float32 in [0, 1]."""
+  return views / 255.0 if views.dtype == np.uint8 else views.astype(np.float32)
+
+
+@pytest.mark.parametrize("resize", sorted(host_augment.VIEW_DTYPES))
+def test_flip_fraction_and_full_crop_is_exact(tf, resize):
   image = np.random.default_rng(9).integers(0, 256, (16, 16, 3), np.uint8)
   contents = tf.constant(_png(image))
+  exact = image / 255.0
+  tol = 2 ** -12  # float16 rounding of the bicubic view; uint8 is exact
 
   def views(flip_prob, n):
     cfg = dict(crop_area=(1.0, 1.0), crop_aspect=(1.0, 1.0), flip_prob=flip_prob)
-    fn = tf.function(lambda s: augment.random_resized_views(contents, s, (cfg, cfg), 16))
-    return np.stack([fn(tf.constant([[1, i], [2, i]], tf.int64)).numpy() for i in range(n)])
+    fn = tf.function(lambda s: host_augment.random_resized_views(contents, s, (cfg, cfg), 16,
+                                                                 resize=resize))
+    out = np.stack([fn(tf.constant([[1, i], [2, i]], tf.int64)).numpy() for i in range(n)])
+    assert out.dtype == np.dtype(host_augment.VIEW_DTYPES[resize])
+    return as_unit(out)
+
+  def close(out, want):
+    return np.all(np.abs(out - want) <= tol, axis=(-3, -2, -1))
 
   out = views(0.5, 1000)
-  same = np.all(out == image, axis=(2, 3, 4))
-  mirrored = np.all(out == image[:, ::-1], axis=(2, 3, 4))
+  same, mirrored = close(out, exact), close(out, exact[:, ::-1])
   assert (same ^ mirrored).all()  # a full crop at the same size is exact
   assert binomial_ok(mirrored.sum(), mirrored.size, 0.5)
   assert not np.array_equal(mirrored[:, 0], mirrored[:, 1])  # the two views flip independently
-  assert np.all(views(0.0, 20) == image)
-  assert np.all(views(1.0, 20) == image[:, ::-1])
+  assert close(views(0.0, 20), exact).all()
+  assert close(views(1.0, 20), exact[:, ::-1]).all()
 
 
 def test_random_crops_are_deterministic_in_the_seed(tf):
   image = np.random.default_rng(10).integers(0, 256, (40, 60, 3), np.uint8)
   contents = tf.constant(_png(image))
   cfg = base.get_base_config().augment.view1
-  fn = lambda s: augment.random_resized_views(contents, tf.constant(s, tf.int64), (cfg,), 24)
+  fn = lambda s: host_augment.random_resized_views(contents, tf.constant(s, tf.int64), (cfg,), 24)
   a, b, c = fn([[0, 5]]), fn([[0, 5]]), fn([[0, 6]])
-  assert a.shape == (1, 24, 24, 3) and a.dtype == tf.uint8
+  assert a.shape == (1, 24, 24, 3) and a.dtype == host_augment.VIEW_DTYPES["bicubic"]
   np.testing.assert_array_equal(a.numpy(), b.numpy())
   assert not np.array_equal(a.numpy(), c.numpy())
 
 
-def test_center_view(tf):
+@pytest.mark.parametrize("resize", sorted(host_augment.VIEW_DTYPES))
+def test_center_view(tf, resize):
   image = np.zeros((64, 96, 3), np.uint8)
   image[16:48, 32:64] = 255  # the centre half of the short side
-  out = augment.center_view(tf.constant(_png(image)), 32, 0.5).numpy()
-  assert out.shape == (32, 32, 3) and out.min() == 255
-  same = augment.center_view(tf.constant(_png(image[:32, :32])), 32, 1.0).numpy()
-  np.testing.assert_array_equal(same, image[:32, :32])
+  out = host_augment.center_view(tf.constant(_png(image)), 32, 0.5, resize).numpy()
+  assert out.shape == (32, 32, 3) and out.dtype == np.dtype(host_augment.VIEW_DTYPES[resize])
+  assert as_unit(out).min() == 1.0
+  same = host_augment.center_view(tf.constant(_png(image[:32, :32])), 32, 1.0, resize).numpy()
+  np.testing.assert_allclose(as_unit(same), image[:32, :32] / 255.0, atol=2 ** -12)
 
 
 def test_jpeg_decode_and_crop_matches_full_decode(tf):
@@ -325,7 +395,7 @@ def test_jpeg_decode_and_crop_matches_full_decode(tf):
   seeds = tf.constant([[3, 1], [3, 2]], tf.int64)
   # The same windows on the already-decoded pixels (re-encoded losslessly as PNG).
   decoded = tf.io.decode_jpeg(jpeg, channels=3).numpy()
-  a = augment.random_resized_views(tf.constant(jpeg), seeds, (cfg, cfg), 32).numpy()
-  b = augment.random_resized_views(tf.constant(_png(decoded)), seeds, (cfg, cfg), 32).numpy()
+  a = host_augment.random_resized_views(tf.constant(jpeg), seeds, (cfg, cfg), 32).numpy()
+  b = host_augment.random_resized_views(tf.constant(_png(decoded)), seeds, (cfg, cfg), 32).numpy()
   # Decoding a sub-window can differ by IDCT rounding at block edges only.
-  assert np.abs(a.astype(int) - b.astype(int)).mean() < 1.0
+  assert np.abs(as_unit(a) - as_unit(b)).mean() < 1.0 / 255

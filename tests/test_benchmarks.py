@@ -57,26 +57,43 @@ TINY_STEP = ("--config=demo", "--batch_size=8", "--image_size=16", "--base_chann
              "--seconds=0.2", "--repeats=2", "--peak_seconds=0.1")
 
 
+def _run_streaming(script, *args):
+  """Runs a script; also returns whether it was still running when its first line came."""
+  process = subprocess.Popen([sys.executable, os.path.join(BENCH, script), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=REPO, env=_env())
+  first = process.stdout.readline()
+  running_at_first_line = process.poll() is None
+  rest, stderr = process.communicate(timeout=900)
+  assert process.returncode == 0, (first + rest)[-3000:] + stderr[-3000:]
+  return first + rest, running_at_first_line
+
+
 @pytest.fixture(scope="module")
 def step_figures(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench_step")
   figures = {}
   for devices in (1, 2):
     path = out / f"d{devices}.json"
-    stdout = _run("bench_step.py", *TINY_STEP, f"--devices={devices}", f"--json={path}")
-    figures[devices] = (json.loads(path.read_text()), stdout)
+    stdout, streamed = _run_streaming("bench_step.py", *TINY_STEP, f"--devices={devices}",
+                                      f"--json={path}")
+    figures[devices] = (json.loads(path.read_text()), stdout, streamed)
   return figures
 
 
 def test_bench_step_prints_and_writes_every_figure(step_figures):
-  figures, stdout = step_figures[1]
+  figures, stdout, streamed = step_figures[1]
+  assert streamed, "figures must be printed as they are measured, not all at the end"
   for key in ("train_compile_s", "train_step_s", "train_images_per_s", "train_step_gflop_xla",
               "encoder_forward_gflop_per_image", "online_forward_gflop_per_image",
               "train_achieved_gflop_per_s", "eval_images_per_s", "eval_achieved_gflop_per_s",
               "matmul_peak_gflop_per_s", "peak_host_memory_mib", "train_images_per_cpu_s",
-              "eval_images_per_cpu_s", "matmul_peak_gflop_per_cpu_s", "train_step_gflop_jaxpr"):
+              "eval_images_per_cpu_s", "matmul_peak_gflop_per_cpu_s", "train_step_gflop_jaxpr",
+              "augment_color_s", "augment_s", "augment_share_of_step"):
     assert _positive(figures[key]), (key, figures[key])
     assert re.search(rf"^{key}\s+\S+$", stdout, re.M), key  # one "name  value" line each
+  assert figures["augment_crop_s"] == 0.0  # host views: no crop in the step
+  assert figures["input"] == "views" and figures["augment"] is True
   assert figures["batch_size"] == 8 and figures["image_size"] == 16
   assert figures["devices"] == 1 and figures["base_channels"] == 4
   assert 0 < figures["train_fraction_of_matmul_peak"]
@@ -143,16 +160,14 @@ def test_cpu_budget_quality_tiny_run(shared_cifar10, tmp_path):
   assert report["seconds"]["total"] > 0 and len(report["load_average_start"]) == 3
 
 
-def test_linear_probe_separates_separable_features():
+def test_cpu_budget_quality_ablation_configs():
   bench = _load("cpu_budget_quality")
-  rng = np.random.default_rng(0)
-  centres = rng.normal(0, 3, (10, 16))
-  labels = rng.integers(0, 10, 1200)
-  feats = (centres[labels] + rng.normal(0, 1, (1200, 16))).astype(np.float32)
-  result = bench.linear_probe(feats[:1000], labels[:1000], feats[1000:], labels[1000:],
-                              steps=200, lr=0.05, seed=0)
-  assert result["top1"] > 0.9
-  assert result["weight_decay"] in bench.PROBE_WEIGHT_DECAYS
+  _, _, variants = bench.parse_args(["--mode=ablations"])
+  assert set(variants) == set(bench.VARIANTS)
+  config = bench.make_config(bench.BUDGETS["tiny"], "unused.zip", 0, "tau_zero")
+  assert config.base_tau == 0.0 and config.tau_schedule == "constant"
+  config = bench.make_config(bench.BUDGETS["tiny"], "unused.zip", 0, "no_head_bn")
+  assert config.model.head_norm is False
 
 
 def test_cpu_budget_quality_rejects_unknown_variants():
@@ -173,3 +188,48 @@ def test_bench_input_tiny_run(shared_cifar10):
   assert len(rates) == 2 and all(int(r.replace(",", "")) > 0 for r in rates)
   assert len(re.findall(r"colour ops in JAX .*?: [\d.]+ ms per batch", stdout)) == 2
   assert re.search(r"load average: [\d.]+", stdout)
+
+
+# ----------------------------------------------------------------------------
+# accelerator_run.py
+# ----------------------------------------------------------------------------
+
+def test_accelerator_run_tiny_cpu_mode(tmp_path):
+  rng = np.random.default_rng(0)
+  data = tmp_path / "tiny.npz"
+  np.savez(data, train_images=rng.integers(0, 256, (64, 20, 20, 3), np.uint8),
+           train_labels=np.arange(64) % 4, test_images=rng.integers(0, 256, (32, 20, 20, 3),
+                                                                    np.uint8),
+           test_labels=np.arange(32) % 4)
+  env = _env()
+  env["OUT"] = str(tmp_path / "out")
+  result = subprocess.run([sys.executable, os.path.join(BENCH, "accelerator_run.py"), "--tiny",
+                           f"--data={data}"], capture_output=True, text=True, timeout=600,
+                          cwd=REPO, env=env)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  report = json.loads((tmp_path / "out" / "accelerator_run.json").read_text())
+  assert not report["errors"]
+  stages = report["stages"]
+  assert stages["device"]["platform"] == "cpu" and not stages["device"]["tensorflow_loaded"]
+  assert _positive(stages["bf16_matmul_peak"]["tflop_per_s"])
+  step = stages["tiny_arrays_b8"]
+  for key in ("compile_s", "images_per_s", "step_tflop_xla", "mfu", "augment_crop_s",
+              "augment_color_s", "augment_share_of_step"):
+    assert _positive(step[key]), key
+  assert stages["tiny_largest_planned"]["batch_size"] == 16
+  pretrain = stages["pretrain_resnet18_cifar10"]
+  assert pretrain["steps"] == 6 and math.isfinite(pretrain["byol_loss_last"])
+  for key in ("knn_top1_random_init", "knn_top1_pretrained"):
+    assert 0.0 <= pretrain[key] <= 1.0
+  assert re.search(r"kNN top-1 [\d.]+ at init -> [\d.]+", result.stdout)
+
+
+def test_accelerator_run_plans_the_largest_batch_from_xla_memory():
+  run = _load("accelerator_run")
+  # 2 GiB of parameters and optimiser state, 50 MiB of temporaries per example, 80 GiB free.
+  measured = dict(batch_size=256, step_xla_argument_mib=1024, step_xla_output_mib=1024,
+                  step_xla_temp_mib=256 * 50, device_bytes_limit_gib=80.0)
+  batch = run.largest_batch(measured)
+  assert batch % 64 == 0
+  assert batch == (80 * 1024 * run.MEMORY_HEADROOM - 2048) // 50 // 64 * 64
+  assert run.largest_batch({"batch_size": 8}) == 16  # no memory figures: double

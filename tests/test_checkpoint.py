@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from byol_jax import checkpoint
-from byol_jax.config_lib import ConfigError
+from byol_jax.errors import ConfigError
 
 
 def _state(value):
@@ -22,48 +22,197 @@ ARCH = {"depth": 18, "width": 1}
 def test_round_trip_and_keep_last_k(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"), keep=2)
   for step in (1, 2, 3):
-    ckpt.save(step, _state(step), {"architecture": ARCH})
-  ckpt.wait()
+    ckpt.save(step, {"state": _state(step)}, {"architecture": ARCH})
+  ckpt.manager.wait_until_finished()
   assert sorted(ckpt.manager.all_steps()) == [2, 3]
-  step, restored = ckpt.restore(checkpoint.abstract(_state(0)), ARCH)
+  step, restored = ckpt.restore({"state": checkpoint.abstract(_state(0))}, ARCH)
   ckpt.close()
   assert step == 3
-  jax.tree.map(np.testing.assert_array_equal, restored, _state(3))
+  jax.tree.map(np.testing.assert_array_equal, restored["state"], _state(3))
 
 
 def test_empty_directory_restores_nothing(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
-  assert ckpt.restore(checkpoint.abstract(_state(0)), ARCH) == (None, None)
+  assert ckpt.restore({"state": checkpoint.abstract(_state(0))}, ARCH) == (None, None)
 
 
-def test_corrupt_latest_falls_back_to_previous(tmp_path, caplog):
+def _damage(step_dir, how: str) -> int:
+  """Damages a checkpoint step on disk, as a failing disk or a stray `rm` would."""
+  damaged = 0
+  for root, _, files in os.walk(step_dir):
+    for name in files:
+      path = os.path.join(root, name)
+      if how == "truncate":
+        with open(path, "r+b") as f:
+          f.truncate(max(os.path.getsize(path) // 3, 1))
+      elif how == "delete" and ("ocdbt" in root or name == "metadata"):
+        os.remove(path)
+      else:
+        continue
+      damaged += 1
+  assert damaged, f"nothing to damage in {step_dir}"
+  return damaged
+
+
+@pytest.mark.parametrize("how", ["truncate", "delete"])
+def test_unreadable_latest_is_moved_aside_and_its_step_saved_again(tmp_path, caplog, how):
+  """The run resumes from the step before, keeps the damaged one for inspection, and can
+  save the damaged step's number again (it used to die with "already exists")."""
   directory = tmp_path / "ckpt"
   ckpt = checkpoint.Checkpointer(str(directory), keep=3)
   for step in (1, 2):
-    ckpt.save(step, _state(step), {"architecture": ARCH})
+    ckpt.save(step, {"state": _state(step)}, {"architecture": ARCH})
   ckpt.close()
-  # Damage every array file of the newest step, as a failing disk would.
-  damaged = 0
-  for root, _, files in os.walk(directory / "2" / "state"):
-    for name in files:
-      path = os.path.join(root, name)
-      with open(path, "r+b") as f:
-        f.truncate(max(os.path.getsize(path) // 3, 1))
-      damaged += 1
-  assert damaged
+  _damage(directory / "2", how)
   ckpt = checkpoint.Checkpointer(str(directory), keep=3)
   with caplog.at_level("WARNING"):
-    step, restored = ckpt.restore(checkpoint.abstract(_state(0)), ARCH)
+    step, restored = ckpt.restore({"state": checkpoint.abstract(_state(0))}, ARCH)
   assert step == 1
-  jax.tree.map(np.testing.assert_array_equal, restored, _state(1))
-  assert any("step 2" in r.getMessage() for r in caplog.records)
+  jax.tree.map(np.testing.assert_array_equal, restored["state"], _state(1))
+  assert (directory / "unreadable-2").is_dir() and not (directory / "2").exists()
+  assert any("step 2" in r.getMessage() and "unreadable-2" in r.getMessage()
+             for r in caplog.records)
+  ckpt.save(2, {"state": _state(2)}, {"architecture": ARCH})
+  ckpt.close()
+  assert sorted(checkpoint.Checkpointer(str(directory)).steps()) == [1, 2]
+
+
+def test_all_unreadable_starts_over_loudly_and_keeps_them(tmp_path, caplog):
+  directory = tmp_path / "ckpt"
+  with checkpoint.Checkpointer(str(directory), keep=3) as ckpt:
+    for step in (1, 2):
+      ckpt.save(step, {"state": _state(step)}, {"architecture": ARCH})
+  for step in (1, 2):
+    _damage(directory / str(step), "truncate")
+  ckpt = checkpoint.Checkpointer(str(directory), keep=3)
+  with caplog.at_level("WARNING"):
+    assert ckpt.restore({"state": checkpoint.abstract(_state(0))}, ARCH) == (None, None)
+  assert any("STARTS OVER" in r.getMessage() for r in caplog.records)
+  assert sorted(os.listdir(directory)) == ["unreadable-1", "unreadable-2"]
+  ckpt.save(1, {"state": _state(1)}, {"architecture": ARCH})  # the first save of the rerun
+  ckpt.close()
+
+
+def test_a_second_set_aside_of_a_step_does_not_overwrite_the_first(tmp_path):
+  directory = tmp_path / "ckpt"
+  with checkpoint.Checkpointer(str(directory)) as ckpt:
+    for _ in range(2):
+      ckpt.save(3, {"state": _state(3)}, {"architecture": ARCH})
+      ckpt.manager.wait_until_finished()
+      ckpt.set_aside(3, "unreadable", "test")
+  assert sorted(os.listdir(directory)) == ["unreadable-3", "unreadable-3.1"]
+
+
+def test_no_directory_until_the_first_save(tmp_path):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  assert ckpt.restore({"state": checkpoint.abstract(_state(0))}, ARCH) == (None, None)
+  ckpt.close()
+  assert not os.path.exists(tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("interval_max, run_min, expected", [
+    (6.5, 6.3, True), (60.0, 5.0, True), (70.0, 5.0, False), (6e10, 6.3, False),
+    (9.0, 0.0, True), (11.0, 0.0, False)])
+def test_vouched_rule(interval_max, run_min, expected):
+  meta = {"loss": checkpoint.loss_record(interval_max, run_min)}
+  assert checkpoint.vouched(meta) is expected
+  assert checkpoint.vouched({}) is True  # written before losses were recorded
+
+
+def test_diverged_checkpoints_are_moved_aside_and_the_sane_ones_kept(tmp_path):
+  directory = tmp_path / "ckpt"
+  losses = {2: (6.3, 6.3), 4: (5.0, 4.0), 6: (6e10, 4.0), 8: (1e20, 4.0)}
+  with checkpoint.Checkpointer(str(directory), keep=5) as ckpt:
+    for step, (high, low) in losses.items():
+      ckpt.save(step, {"state": _state(step)}, {"loss": checkpoint.loss_record(high, low)})
+    moved = ckpt.set_aside_diverged()
+    assert [(s, loss) for s, loss, _ in moved] == [(6, 6e10), (8, 1e20)]
+    assert ckpt.steps() == [4, 2]
+  assert sorted(os.listdir(directory)) == ["2", "4", "diverged-6", "diverged-8"]
+
+
+SETTINGS = {"batch_size": 16, "steps": 8, "augment.view1.flip_prob": 0.5}
+
+
+def test_resume_with_other_settings_is_refused_unless_allowed(tmp_path, caplog):
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(5, {"state": _state(5)}, {"architecture": ARCH, "settings": SETTINGS})
+  ckpt.manager.wait_until_finished()
+  changed = {**SETTINGS, "batch_size": 32, "steps": 10}
+  abstract = {"state": checkpoint.abstract(_state(0))}
+  with pytest.raises(ConfigError) as e:
+    ckpt.restore(abstract, ARCH, expected_settings=changed)
+  assert "batch_size=16 there vs 32 here; steps=8 there vs 10 here" in str(e.value)
+  assert "--allow_changed_resume" in str(e.value)
+  assert ckpt.restore(abstract, ARCH, expected_settings=SETTINGS)[0] == 5
+  with caplog.at_level("WARNING"):
+    assert ckpt.restore(abstract, ARCH, expected_settings=changed, allow_changed=True)[0] == 5
+  assert any("batch_size=16 there vs 32 here" in r.getMessage() for r in caplog.records)
+  ckpt.close()
+
+
+def test_settings_pick_fields_and_whole_blocks_as_json_values():
+  config = {"seed": 1, "batch_size": 16, "lr": 0.1,
+            "augment": {"crop_area": (0.08, 1.0), "view1": {"flip_prob": 0.5}}}
+  assert checkpoint.settings(config, ("seed", "augment")) == {
+      "seed": 1, "augment.crop_area": [0.08, 1.0], "augment.view1.flip_prob": 0.5}
 
 
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
-  ckpt.save(5, _state(5), {"architecture": {"depth": 50, "width": 1}})
-  ckpt.wait()
+  ckpt.save(5, {"state": _state(5)}, {"architecture": {"depth": 50, "width": 1}})
+  ckpt.manager.wait_until_finished()
   with pytest.raises(ConfigError) as e:
-    ckpt.restore(checkpoint.abstract(_state(0)), ARCH)
+    ckpt.restore({"state": checkpoint.abstract(_state(0))}, ARCH)
   assert "depth=50 there vs 18 here" in str(e.value)
   assert "fresh --workdir" in str(e.value)
+
+
+def _tiny_train_state():
+  from byol_jax import networks, optim, parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.jobs import pretrain  # pylint: disable=g-import-not-at-top
+  from tests import tiny  # pylint: disable=g-import-not-at-top
+  config = tiny.tiny_config()
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  nets = networks.make_networks(config.model, config.data.num_classes)
+  return config, mesh, pretrain.create_state(config, nets, optim.make_optimizer(config), mesh)
+
+
+def test_checkpoint_of_the_old_layout_still_restores(tmp_path):
+  """Before the online/train split a checkpoint held the whole TrainState as one item
+  `state`: pretraining resumes from it and evaluation reads its online network."""
+  config, mesh, state = _tiny_train_state()
+  workdir = str(tmp_path)
+  meta = {"architecture": checkpoint.architecture(config), "config": config.to_dict()}
+  with checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir)) as ckpt:
+    ckpt.manager.save(7, args=checkpoint.ocp.args.Composite(
+        state=checkpoint.ocp.args.StandardSave(state),
+        meta=checkpoint.ocp.args.JsonSave(meta)))
+
+  with checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir)) as ckpt:
+    step, items = ckpt.restore(checkpoint.abstract(checkpoint.state_items(state)),
+                               checkpoint.architecture(config))
+  assert step == 7
+  jax.tree.map(np.testing.assert_array_equal, checkpoint.state_from_items(items), state)
+
+  _, _, params, net_state = checkpoint.load_pretrained(config, workdir, mesh)
+  jax.tree.map(np.testing.assert_array_equal, (params, net_state),
+               (state.online_params, state.online_state))
+
+
+def test_evaluation_reads_only_the_online_item(tmp_path):
+  """A checkpoint with the `online` item alone (as an import writes) is a pretrained run."""
+  config, mesh, state = _tiny_train_state()
+  checkpoint.save_online(str(tmp_path), 3, state.online_params, state.online_state, config)
+  assert not os.path.exists(tmp_path / "checkpoints" / "3" / "train")
+  loaded_config, _, params, net_state = checkpoint.load_pretrained(config, str(tmp_path), mesh)
+  assert loaded_config.model.depth == config.model.depth
+  jax.tree.map(np.testing.assert_array_equal, (params, net_state),
+               (state.online_params, state.online_state))
+
+
+def test_load_pretrained_on_an_empty_workdir_creates_nothing(tmp_path):
+  config, mesh, _ = _tiny_train_state()
+  with pytest.raises(FileNotFoundError, match="No pretraining checkpoint"):
+    checkpoint.load_pretrained(config, str(tmp_path / "empty"), mesh)
+  assert not os.path.exists(tmp_path / "empty")

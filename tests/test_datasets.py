@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import augment, datasets, input_pipeline
+from byol_jax import datasets, host_augment, input_pipeline, tf_import, tfds_source
 from byol_jax.configs import base
 
 
@@ -27,6 +27,15 @@ def make_config(source="folder", path=None, size=16, **data):
   c.data.test_split = "test"
   c.data.update(data)
   return c
+
+
+def pixels(images: np.ndarray) -> np.ndarray:
+  """Views as float 0..255, whichever dtype the config's resize ships them in."""
+  return images.astype(np.float64) * (1.0 if images.dtype == np.uint8 else 255.0)
+
+
+def view_dtype(config):
+  return host_augment.VIEW_DTYPES[base.resolve_augment(config.augment)["resize"]]
 
 
 def encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -191,9 +200,9 @@ def test_awkward_files_are_converted_or_skipped(odd_tree, caplog):
   batch = next(input_pipeline.eval_batches(cfg, "train", batch_size=10, process_index=0,
                                            process_count=1))
   images = batch["image"][batch["mask"]]
-  assert images.shape == (9, 12, 12, 3) and images.dtype == np.uint8
+  assert images.shape == (9, 12, 12, 3) and images.dtype == view_dtype(cfg)
   # Every kept image decoded to real content, not to a blank fallback.
-  assert (images.reshape(9, -1).std(axis=1) > 5).all()
+  assert (pixels(images).reshape(9, -1).std(axis=1) > 5).all()
   views = next(input_pipeline.pretrain_batches(cfg, start_step=0, process_index=0,
                                                process_count=1))
   assert views["view1"].shape == (8, 12, 12, 3)
@@ -285,9 +294,9 @@ def test_real_cifar10_pixels_match_the_originals(cifar, shared_cifar10):
   airplanes = exact["images"][in_test & (exact["labels"] == 0)]
   # test/airplane/NNNN.jpg is the NNNN-th airplane of test_batch in original order.
   n = min(16, len(airplanes))
-  errors = np.abs(batch["image"][:n].astype(float) - airplanes[:n]).mean(axis=(1, 2, 3))
+  errors = np.abs(pixels(batch["image"][:n]) - airplanes[:n]).mean(axis=(1, 2, 3))
   assert errors.max() < 15  # README: mean 5.8, worst 13; a wrong image gives > 25
-  shuffled = np.abs(batch["image"][:n].astype(float) - airplanes[1:n + 1]).mean(axis=(1, 2, 3))
+  shuffled = np.abs(pixels(batch["image"][:n]) - airplanes[1:n + 1]).mean(axis=(1, 2, 3))
   assert shuffled.min() > 20
 
 
@@ -297,7 +306,7 @@ def test_real_cifar10_pixels_match_the_originals(cifar, shared_cifar10):
 
 @pytest.fixture
 def tfds():
-  augment.import_tensorflow()
+  tf_import.import_tensorflow()
   import tensorflow_datasets  # pylint: disable=g-import-not-at-top
   return tensorflow_datasets
 
@@ -305,31 +314,45 @@ def tfds():
 def test_tfds_mock_data_batches(tfds, tmp_path):
   cfg = make_config(source="tfds", name="cifar10", data_dir=str(tmp_path), size=24)
   with time_limit(240), tfds.testing.mock_data(num_examples=20):
-    datasets._tfds_source.cache_clear()
+    tfds_source.tfds_source.cache_clear()
     assert datasets.dataset_info(cfg, "train") == (20, 10)
     batch = next(input_pipeline.pretrain_batches(cfg, start_step=0, process_index=0,
                                                  process_count=1))
     ev = list(input_pipeline.eval_batches(cfg, "test", batch_size=8, process_index=0,
                                           process_count=1))
-  datasets._tfds_source.cache_clear()
-  assert batch["view1"].shape == (8, 24, 24, 3) and batch["view1"].dtype == np.uint8
+  tfds_source.tfds_source.cache_clear()
+  assert batch["view1"].shape == (8, 24, 24, 3) and batch["view1"].dtype == view_dtype(cfg)
   assert batch["label"].dtype == np.int32 and ((batch["label"] >= 0) & (batch["label"] < 10)).all()
   assert len(ev) == 3 and ev[-1]["mask"].sum() == 4
+
+
+def test_tfds_source_decoded_for_the_device_crop(tfds, tmp_path):
+  """A small TFDS split (e.g. STL-10) can go the in-memory way when TF is there."""
+  cfg = make_config(source="tfds", name="cifar10", data_dir=str(tmp_path), size=24)
+  cfg.augment.crop_on = "device"
+  with time_limit(240), tfds.testing.mock_data(num_examples=20):
+    tfds_source.tfds_source.cache_clear()
+    source = datasets.load_source(cfg, "train")
+    batch = next(input_pipeline.pretrain_batches(cfg, start_step=0, process_index=0,
+                                                 process_count=1))
+  tfds_source.tfds_source.cache_clear()
+  assert isinstance(source, datasets.ArraySource) and source.images.shape == (20, 32, 32, 3)
+  assert set(batch) == {"image", "crop_seed", "label"} and batch["image"].shape == (8, 32, 32, 3)
 
 
 def test_tfds_mock_random_size_images(tfds, tmp_path):
   """imagenette has variable-size images; mock_data makes small random ones."""
   cfg = make_config(source="tfds", name="imagenette", data_dir=str(tmp_path), size=20)
   with time_limit(240), tfds.testing.mock_data(num_examples=10):
-    datasets._tfds_source.cache_clear()
+    tfds_source.tfds_source.cache_clear()
     batch = next(input_pipeline.linear_train_batches(cfg, batch_size=4, start_step=0,
                                                      process_index=0, process_count=1))
-  datasets._tfds_source.cache_clear()
+  tfds_source.tfds_source.cache_clear()
   assert batch["image"].shape == (4, 20, 20, 3)
 
 
 def test_tfds_not_prepared_errors_say_how_to_prepare(tfds, tmp_path):
-  datasets._tfds_source.cache_clear()
+  tfds_source.tfds_source.cache_clear()
   with time_limit(120):
     with pytest.raises(datasets.DataSourceError, match=r"not available offline.*tfds build cifar10"):
       datasets.dataset_info(make_config(source="tfds", name="cifar10", data_dir=str(tmp_path)),
@@ -341,3 +364,76 @@ def test_tfds_not_prepared_errors_say_how_to_prepare(tfds, tmp_path):
     with pytest.raises(datasets.DataSourceError, match="does not know the dataset"):
       datasets.dataset_info(make_config(source="tfds", name="no_such_dataset_xyz",
                                         data_dir=str(tmp_path)), "train")
+
+
+# ---------------------------------------------------------------------------
+# In-memory arrays: .npz files and sources decoded for the device crop.
+# ---------------------------------------------------------------------------
+
+def test_npz_splits_labels_and_slices(tmp_path):
+  rng = np.random.default_rng(0)
+  train, test = (rng.integers(0, 256, (n, 6, 5, 3), np.uint8) for n in (20, 7))
+  path = tmp_path / "d.npz"
+  np.savez(path, train_images=train, train_labels=np.arange(20) % 4, test_images=test,
+           test_labels=np.full(7, 6))
+  cfg = make_config(source="npz", path=path)
+  a = datasets.load_source(cfg, "train")
+  assert isinstance(a, datasets.ArraySource) and a.images.shape == (20, 6, 5, 3)
+  np.testing.assert_array_equal(a.images, train)
+  assert a.num_classes == 7  # over every split's labels, so train and test agree
+  assert datasets.dataset_info(cfg, "test") == (7, 7)
+  head, tail = datasets.load_source(cfg, "train[:25%]"), datasets.load_source(cfg, "train[25%:]")
+  assert head.num_examples == 5 and tail.num_examples == 15
+  together = np.concatenate([head.images, tail.images]).reshape(20, -1)
+  assert len({row.tobytes() for row in together}) == 20  # disjoint, and they cover
+  with pytest.raises(datasets.DataSourceError, match=r"no 'val_images'.*\['test', 'train'\]"):
+    datasets.load_source(cfg, "val")
+
+
+def test_npz_shared_images_and_errors(tmp_path):
+  path = tmp_path / "shared.npz"
+  np.savez(path, images=np.zeros((4, 3, 3, 3), np.uint8))
+  source = datasets.load_source(make_config(source="npz", path=path), "anything")
+  assert source.num_examples == 4 and (source.labels == -1).all() and source.num_classes == 0
+  bad = tmp_path / "bad.npz"
+  np.savez(bad, images=np.zeros((4, 3, 3), np.float32))
+  with pytest.raises(datasets.DataSourceError, match=r"float32 \[4, 3, 3\].*uint8 \[N, H, W, 3\]"):
+    datasets.load_source(make_config(source="npz", path=bad), "train")
+  pairs = tmp_path / "pairs.npz"
+  np.savez(pairs, images=np.zeros((4, 3, 3, 3), np.uint8), labels=np.zeros(3))
+  with pytest.raises(datasets.DataSourceError, match="3 labels for 4 images"):
+    datasets.load_source(make_config(source="npz", path=pairs), "train")
+  with pytest.raises(datasets.DataSourceError, match="is not a file"):
+    datasets.load_source(make_config(source="npz", path=tmp_path / "none.npz"), "train")
+  with pytest.raises(datasets.DataSourceError, match="needs data.path"):
+    datasets.load_source(make_config(source="npz"), "train")
+
+
+def test_crop_on_choices():
+  cfg = make_config(source="npz")
+  assert datasets.crop_on_device(cfg)
+  cfg.augment.crop_on = "host"
+  with pytest.raises(datasets.DataSourceError, match="npz.*crop_on=auto or device"):
+    datasets.crop_on_device(cfg)
+  folder = make_config(source="folder")
+  assert not datasets.crop_on_device(folder)  # TensorFlow is installed here
+  folder.augment.crop_on = "device"
+  assert datasets.crop_on_device(folder)
+  folder.augment.crop_on = "gpu"
+  with pytest.raises(datasets.DataSourceError, match="crop_on must be one of auto, host, device"):
+    datasets.crop_on_device(folder)
+
+
+def test_demo_decoded_for_the_device_matches_the_host_pipeline():
+  cfg = make_config(source="demo", size=32)
+  cfg.augment.crop_on = "device"
+  arrays = datasets.load_source(cfg, "test")
+  assert isinstance(arrays, datasets.ArraySource) and arrays.images.shape == (900, 32, 32, 3)
+  assert datasets.dataset_info(cfg, "train") == (3600, 10)
+  folder = datasets.load_source(make_config(source="demo", size=32), "test")
+  np.testing.assert_array_equal(arrays.labels, folder.labels)
+  assert arrays.class_names == folder.class_names
+  # PIL's and TF's JPEG decoders agree to within rounding.
+  host = next(input_pipeline.eval_batches(make_config(source="demo", size=32), "test",
+                                          batch_size=16, process_index=0, process_count=1))
+  assert np.abs(pixels(host["image"]) - arrays.images[:16]).mean() < 1.5

@@ -3,8 +3,9 @@
 Each case builds the online network, runs a few training-mode forwards so the
 BatchNorm moving statistics are far from their initial values, exports, loads
 the export into `byol_jax.torch_resnet` (torchvision's module tree and names)
-with `strict=True`, and compares eval-mode embeddings on the same normalised
-images.
+with `strict=True`, and compares eval-mode embeddings on the same images
+(JAX normalises them itself; torch gets them normalised as the export's
+metadata says).
 
 The comparison is made twice. In float64 on both sides (the exported float32
 weights, evaluated in float64 by JAX and by torch) it isolates the export
@@ -20,6 +21,9 @@ import copy
 import functools
 import json
 import os
+import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -31,9 +35,12 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
 from byol_jax import export, networks, resnet, torch_resnet  # noqa: E402
-from byol_jax.train_step import IMAGE_MEAN, IMAGE_STD  # noqa: E402
+from byol_jax import torchvision_export as tv  # noqa: E402
+from byol_jax.configs import base  # noqa: E402
+from byol_jax.networks import IMAGE_MEAN, IMAGE_STD  # noqa: E402
 
 torch.set_num_threads(2)
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 ATOL = 1e-4       # float64 on both sides: the export's own error
 FP32_ATOL = 1e-3  # float32 on both sides: plus each framework's rounding (see above)
@@ -42,17 +49,18 @@ TRAIN_STEPS = 3
 PROJ_HIDDEN, PROJ_DIM = 32, 16
 
 
-def model_config(depth=18, width=1, stem="imagenet", norm="batch", base_channels=64):
-  return ml_collections.ConfigDict(dict(
-      depth=depth, width=width, stem=stem, norm=norm, zero_init_residual=False,
-      base_channels=base_channels,
-      projector_hidden=PROJ_HIDDEN, predictor_hidden=PROJ_HIDDEN, projection_dim=PROJ_DIM))
+def model_config(depth=18, width=1, stem="imagenet", norm="batch", base_channels=64,
+                 padding="torchvision"):
+  config = base.get_base_config().model
+  config.update(dict(depth=depth, width=width, stem=stem, norm=norm, base_channels=base_channels,
+                     padding=padding, projector_hidden=PROJ_HIDDEN, predictor_hidden=PROJ_HIDDEN,
+                     projection_dim=PROJ_DIM))
+  return config
 
 
-def normalised_images(seed, size):
-  """Random RGB images in [0, 1], normalised as in training; NHWC float32."""
-  images = np.random.default_rng(seed).uniform(size=(BATCH, size, size, 3))
-  return ((images - np.asarray(IMAGE_MEAN)) / np.asarray(IMAGE_STD)).astype(np.float32)
+def random_images(seed, size):
+  """Random RGB images in [0, 1], NHWC float32, as the input pipeline makes them."""
+  return np.random.default_rng(seed).uniform(size=(BATCH, size, size, 3)).astype(np.float32)
 
 
 def random_init(online, size, seed):
@@ -88,14 +96,15 @@ def random_init(online, size, seed):
 
 
 @functools.lru_cache(maxsize=None)
-def trained(depth=18, width=1, stem="imagenet", norm="batch", size=64, base_channels=64):
+def trained(depth=18, width=1, stem="imagenet", norm="batch", size=64, base_channels=64,
+            padding="torchvision"):
   """(config, online transform, params, state) after a few training-mode forwards."""
-  mc = model_config(depth, width, stem, norm, base_channels)
+  mc = model_config(depth, width, stem, norm, base_channels, padding)
   online = networks.make_networks(mc, num_classes=10).online
   params, state = random_init(online, size, seed=depth + width)
   train_forward = jax.jit(lambda p, s, x: online.apply(p, s, x, True)[1])
   for step in range(TRAIN_STEPS):
-    state = train_forward(params, state, normalised_images(10 + step, size))
+    state = train_forward(params, state, random_images(10 + step, size))
   return mc, online, params, state
 
 
@@ -109,10 +118,11 @@ def jax_eval(online, params, state, images, dtype=np.float32):
 
 
 def torch_eval(model, images, output="embedding", dtype=np.float32):
-  """Eval-mode embedding (or projection, via `model.projector`) of NHWC `images`."""
+  """Eval-mode embedding (or projection, via `model.projector`) of NHWC [0, 1] `images`."""
   model = model.eval() if dtype == np.float32 else copy.deepcopy(model).double().eval()
+  normalised = (images.astype(np.float64) - IMAGE_MEAN) / IMAGE_STD
   with torch.no_grad():
-    x = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2), dtype=dtype))
+    x = torch.from_numpy(np.ascontiguousarray(normalised.transpose(0, 3, 1, 2), dtype=dtype))
     out = model(x)
     return (out if output == "embedding" else model.projector(out)).numpy()
 
@@ -129,8 +139,8 @@ def torch_state_dict(arrays):
   return {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}
 
 
-def gn_norm_layer(c):
-  return nn.GroupNorm(32, c, eps=1e-5)
+def torch_model(depth, **kwargs):
+  return torch_resnet.resnet(*resnet.ARCHITECTURES[depth], **kwargs)
 
 
 def documented_torch_model(mc):
@@ -141,7 +151,7 @@ def documented_torch_model(mc):
   """
   kind, layers = resnet.ARCHITECTURES[mc.depth]
   block = torch_resnet.BasicBlock if kind == "basic" else torch_resnet.Bottleneck
-  norm_layer = gn_norm_layer if mc.norm == "group_ws" else None
+  norm_layer = torch_resnet.group_norm if mc.norm == "group_ws" else None
   model = torch_resnet.ResNet(block, layers, width=mc.width, norm_layer=norm_layer,
                               num_classes=1000)
   model.fc = nn.Identity()  # the export has no classifier
@@ -165,16 +175,16 @@ CASES = [
 def test_torch_features_match_jax(depth, width, stem, norm, sizes):
   mc, online, params, state = trained(depth, width, stem, norm, sizes[0])
   model = documented_torch_model(mc)
-  model.load_state_dict(torch_state_dict(export.to_torchvision(params, state, mc)), strict=True)
+  model.load_state_dict(torch_state_dict(tv.to_torchvision(params, state, mc)), strict=True)
   for seed, size in enumerate(sizes):
-    images = normalised_images(100 + seed, size)
+    images = random_images(100 + seed, size)
     assert torch_eval(model, images).shape == (BATCH, resnet.embedding_dim(depth, width))
     assert_matches_jax(model, online, params, state, images)
 
 
 def test_group_ws_export_folds_standardisation():
   mc, _, params, state = trained(18, 1, "imagenet", "group_ws", 65)
-  sd = export.to_torchvision(params, state, mc)
+  sd = tv.to_torchvision(params, state, mc)
   w = sd["layer1.0.conv1.weight"].astype(np.float64)  # OIHW: standardised per output channel
   np.testing.assert_allclose(w.mean(axis=(1, 2, 3)), 0, atol=1e-6)
   np.testing.assert_allclose(w.var(axis=(1, 2, 3)), 1, atol=1e-4)
@@ -187,7 +197,7 @@ def test_torchvision_key_names_and_shapes(depth, num_keys):
   # torchvision's resnet18 / resnet50 state dicts have 122 / 320 entries, of which
   # fc.weight and fc.bias are not exported.
   mc, _, params, state = trained(depth, 1, "imagenet", "batch", 64)
-  sd = export.to_torchvision(params, state, mc)
+  sd = tv.to_torchvision(params, state, mc)
   assert len(sd) == num_keys
   assert not any(k.startswith("fc.") for k in sd)
   assert sd["conv1.weight"].shape == (64, 3, 7, 7)
@@ -211,15 +221,15 @@ def test_torchvision_key_names_and_shapes(depth, num_keys):
 
 def test_projector_round_trip():
   mc, online, params, state = trained(18, 1, "cifar", "batch", 32)
-  sd = export.to_torchvision(params, state, mc, include_projector=True)
+  sd = tv.to_torchvision(params, state, mc, include_projector=True)
   assert {k for k in sd if k.startswith("projector.")} == {
       "projector.0.weight", "projector.0.bias", "projector.1.weight", "projector.1.bias",
       "projector.1.running_mean", "projector.1.running_var", "projector.1.num_batches_tracked",
-      "projector.3.weight", "projector.3.bias"}
-  model = torch_resnet.resnet(18, stem="cifar")
+      "projector.3.weight"}
+  model = torch_model(18, stem="cifar")
   model.projector = torch_resnet.projector(512, PROJ_HIDDEN, PROJ_DIM)
   model.load_state_dict(torch_state_dict(sd), strict=True)
-  images = normalised_images(7, 32)
+  images = random_images(7, 32)
   assert_matches_jax(model, online, params, state, images, "embedding")
   assert_matches_jax(model, online, params, state, images, "projection")
 
@@ -277,8 +287,8 @@ def test_run_export_files_load_in_torch(tmp_path):
   assert info["input_normalization"]["std"] == list(IMAGE_STD)
   assert info["files"]["npz"]["num_arrays"] == len(export.load_npz(paths["npz"]))
 
-  images = normalised_images(5, 33)
-  model = torch_resnet.resnet(18, width=2)
+  images = random_images(5, 33)
+  model = torch_model(18, width=2)
   model.projector = torch_resnet.projector(1024, PROJ_HIDDEN, PROJ_DIM)
   model.load_state_dict(load_file(paths["safetensors"]), strict=True)
   assert_matches_jax(model, online, params, state, images)
@@ -302,7 +312,10 @@ def test_narrow_demo_net_round_trips_through_metadata(tmp_path, norm):
   assert info["architecture"] == "resnet18_base16" and info["embedding_dim"] == 128
   loaded = torch_resnet.load_safetensors(paths["safetensors"])
   assert loaded.conv1.out_channels == 16
-  assert_matches_jax(loaded, online, params, state, normalised_images(7, 32))
+  if norm == "group_ws":  # min(32, C) groups, as resnet.Norm, not a fixed 32
+    assert loaded.bn1.num_groups == 16 and loaded.layer4[0].bn2.num_groups == 32
+    assert loaded.byol_metadata["torch_norm_layer"].startswith("GroupNorm(min(32, C), C")
+  assert_matches_jax(loaded, online, params, state, random_images(7, 32))
 
 
 def test_safetensors_without_projector(tmp_path):
@@ -310,32 +323,33 @@ def test_safetensors_without_projector(tmp_path):
 
   mc, online, params, state = trained(18, 1, "imagenet", "group_ws", 65)
   path = str(tmp_path / "gn.safetensors")
-  export.save_torchvision_safetensors(params, state, mc, path)
+  tv.save_torchvision_safetensors(params, state, mc, path)
   tensors = load_file(path)
   assert not any(k.startswith("projector.") for k in tensors)
   model = documented_torch_model(mc)
   model.load_state_dict(tensors, strict=True)
-  assert_matches_jax(model, online, params, state, normalised_images(9, 64))
+  assert_matches_jax(model, online, params, state, random_images(9, 64))
   assert sorted(os.listdir(tmp_path)) == ["gn.safetensors"]
 
 
 def test_errors_say_what_to_fix():
   mc, _, params, state = trained(18, 1, "cifar", "batch", 32)
-  with pytest.raises(ValueError, match=r"depth 26.*must be one of \[18, 34, 50, 101, 152, 200\]"):
-    export.to_torchvision(params, state, model_config(depth=26))
+  with pytest.raises(ValueError,
+                     match=r"depth 26.*model.depth must be one of \[18, 34, 50, 101, 152, 200\]"):
+    tv.to_torchvision(params, state, model_config(depth=26))
   with pytest.raises(ValueError, match=r"stem 'tiny'.*model.stem must be one of"):
-    export.to_torchvision(params, state, model_config(stem="tiny"))
-  with pytest.raises(ValueError, match=r"width 0.*positive integer"):
-    export.to_torchvision(params, state, model_config(width=0))
+    tv.to_torchvision(params, state, model_config(stem="tiny"))
+  with pytest.raises(ValueError, match=r"width 0.*model.width must be an integer in 1..4"):
+    tv.to_torchvision(params, state, model_config(width=0))
   with pytest.raises(ValueError, match=r"do not match model config \(depth=34.*trained with"):
-    export.to_torchvision(params, state, model_config(depth=34, stem="cifar"))
+    tv.to_torchvision(params, state, model_config(depth=34, stem="cifar"))
   with pytest.raises(ValueError, match=r"conv1/w has shape \(3, 3, 3, 64\).*\(7, 7, 3, 64\)"):
-    export.to_torchvision(params, state, model_config(stem="imagenet"))
-  with pytest.raises(ValueError, match=r"no encoder BatchNorm statistics.*online_state"):
-    export.to_torchvision(params, {}, model_config(stem="cifar"))
+    tv.to_torchvision(params, state, model_config(stem="imagenet"))
+  with pytest.raises(ValueError, match=r"no encoder BatchNorm statistics.*online state"):
+    tv.to_torchvision(params, {}, model_config(stem="cifar"))
   encoder_only = networks.encoder_subset(params)
   with pytest.raises(ValueError, match=r"no 'projector' modules.*include_projector=False"):
-    export.to_torchvision(encoder_only, state, model_config(stem="cifar"), include_projector=True)
+    tv.to_torchvision(encoder_only, state, model_config(stem="cifar"), include_projector=True)
   with pytest.raises(ValueError, match=r"no 'projector' modules"):
     export.flatten_for_npz(encoder_only, state, include_projector=True)
 
@@ -355,3 +369,57 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
     export.export_npz(params, state, path)
   assert (tmp_path / "encoder.npz").read_bytes() == before
   assert os.listdir(tmp_path) == ["encoder.npz"]  # the temporary file is gone too
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_layout_is_what_the_network_builds(depth):
+  blocks = resnet.layout(depth, width=2, base_channels=16)
+  mc = model_config(depth, width=2, base_channels=16)
+  encoder = networks.make_networks(mc, num_classes=1).encoder
+  params, _ = jax.eval_shape(lambda x: encoder.init(jax.random.PRNGKey(0), x, True),
+                             jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32))
+  names = {m.split("/")[1] for m in params if m.startswith("encoder/layer")}
+  assert sorted(b.name for b in blocks) == sorted(names)
+  last_conv = "conv2" if resnet.ARCHITECTURES[depth][0] == "basic" else "conv3"
+  for b in blocks:
+    assert params[f"encoder/{b.name}/conv1"]["w"].shape[2] == b.in_channels, b
+    assert params[f"encoder/{b.name}/conv2"]["w"].shape[:2] == (3, 3), b  # the strided conv
+    assert params[f"encoder/{b.name}/conv2"]["w"].shape[3] == b.channels, b
+    assert params[f"encoder/{b.name}/{last_conv}"]["w"].shape[3] == b.out_channels, b
+    assert (f"encoder/{b.name}/downsample_conv" in params) == b.downsample, b
+  # torchvision's layout: stride 2 at the first block of layers 2-4; a projection
+  # shortcut wherever the shape changes (also layer1.0 of a bottleneck net).
+  assert [b.name for b in blocks if b.stride == 2] == ["layer2_0", "layer3_0", "layer4_0"]
+  first = ["layer1_0"] if depth == 50 else []
+  assert [b.name for b in blocks if b.downsample] == first + ["layer2_0", "layer3_0", "layer4_0"]
+  assert resnet.embedding_dim(depth, 2, 16) == (1024 if depth == 50 else 256)
+
+
+def test_haiku_same_padding_round_trips(tmp_path):
+  """padding="haiku_same" (DeepMind's weights): Haiku's asymmetric stride-2 padding, and a
+  PyTorch model rebuilt from the file's metadata pads the same way, at even and odd sizes."""
+  mc, online, params, state = trained(18, 1, "imagenet", "batch", 64, padding="haiku_same")
+  config = ml_collections.ConfigDict(dict(
+      model=mc, export=dict(include_projector=True), data=dict(image_size=64)))
+  paths = export.run_export(params, state, config, str(tmp_path))
+  loaded = torch_resnet.load_safetensors(paths["safetensors"])
+  assert loaded.byol_metadata["padding"] == "haiku_same"
+  assert json.loads((tmp_path / "export.json").read_text())["padding"] == "haiku_same"
+  for seed, size in enumerate((64, 65, 70)):  # even, odd, and even-then-odd feature maps
+    assert_matches_jax(loaded, online, params, state, random_images(20 + seed, size))
+  assert_matches_jax(loaded, online, params, state, random_images(30, 64), "projection")
+  # The padding matters: torchvision's symmetric padding gives other features.
+  symmetric = torch_model(18)
+  symmetric.load_state_dict(torch_state_dict(tv.to_torchvision(params, state, mc)), strict=True)
+  images = random_images(40, 64)
+  assert np.abs(torch_eval(symmetric, images) - torch_eval(loaded, images)).max() > 1e-2
+
+
+def test_torch_side_agrees_with_resnet_without_importing_jax():
+  assert torch_resnet.PADDINGS == resnet.PADDINGS and torch_resnet.NORMS == resnet.NORMS
+  assert set(torch_resnet.BLOCKS) == {kind for kind, _ in resnet.ARCHITECTURES.values()}
+  with pytest.raises(ValueError, match=r"Unknown padding 'valid'"):
+    torch_model(18, padding="valid")
+  code = ("import sys, byol_jax.torch_resnet as t; t.resnet('basic', (2, 2, 2, 2)); "
+          "assert 'jax' not in sys.modules, 'torch_resnet imported jax'")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

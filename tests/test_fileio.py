@@ -17,8 +17,8 @@ def root(request, tmp_path):
 
 
 def test_write_append_read(root):
-  path = fileio.join(root, "sub", "a.txt")
-  fileio.makedirs(fileio.join(root, "sub"))
+  path = os.path.join(root, "sub", "a.txt")
+  fileio.makedirs(os.path.join(root, "sub"))
   fileio.write_text(path, "one\n")
   fileio.append_text(path, "two\n")
   assert fileio.read_text(path) == "one\ntwo\n"
@@ -28,7 +28,7 @@ def test_write_append_read(root):
 
 
 def test_failed_write_keeps_previous_contents(root):
-  path = fileio.join(root, "b.txt")
+  path = os.path.join(root, "b.txt")
   fileio.makedirs(root)
   fileio.write_text(path, "good")
   with pytest.raises(RuntimeError):
@@ -40,7 +40,7 @@ def test_failed_write_keeps_previous_contents(root):
 
 
 def test_reporter_and_npz_export_on_remote_scheme(root):
-  reporter = reporting.Reporter(fileio.join(root, "run"), total_steps=4, batch_size=2)
+  reporter = reporting.Reporter(os.path.join(root, "run"), total_steps=4, batch_size=2)
   reporter.write(2, {"byol_loss": 3.0, "tau": 0.99})
   reporter.write(4, {"byol_loss": 2.0, "tau": 0.995})
   records = reporting.read_jsonl(reporter.jsonl_path)
@@ -49,7 +49,7 @@ def test_reporter_and_npz_export_on_remote_scheme(root):
   assert png.endswith("pretrain_curves.png") and fileio.exists(png)
 
   flat = {"encoder/conv1/w": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)}
-  path = fileio.join(root, "export", "encoder.npz")
+  path = os.path.join(root, "export", "encoder.npz")
   export._write_npz(flat, path)  # pylint: disable=protected-access
   if root.startswith("ram://"):
     import tensorflow as tf

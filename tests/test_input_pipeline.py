@@ -1,7 +1,8 @@
 """The pipeline contract: determinism, resume, process sharding, eval padding, subsets.
 
 Every image here is one solid colour that encodes its id, so the id of each
-row can be read back from the (cropped, resized, flipped) views.
+row can be read back from the (cropped, resized, flipped) views. The in-memory
+path (an .npz of the same images) must follow exactly the same stream.
 """
 
 import io
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import augment, datasets, input_pipeline
+from byol_jax import datasets, host_augment, input_pipeline, stream_index, tf_import
 from byol_jax.configs import base
 
 NUM = 36          # examples: 4 classes of 9
@@ -28,7 +29,10 @@ def colour_png(i: int) -> bytes:
 
 
 def ids_of(images: np.ndarray) -> np.ndarray:
-  """Example ids from solid-colour views (and a check that they are solid)."""
+  """Example ids from solid-colour views, uint8 or float in [0, 1] (and a check
+  that they are solid)."""
+  if images.dtype != np.uint8:
+    images = np.round(images.astype(np.float32) * 255)
   flat = images.reshape(len(images), images.shape[1] * images.shape[2], 3)
   assert (flat == flat[:, :1]).all(), "views of solid images must stay solid"
   return flat[:, 0, 0].astype(int)
@@ -78,7 +82,8 @@ def test_batch_format(tree):
   batch = pretrain(make_config(tree), n=1)[0]
   assert set(batch) == {"view1", "view2", "label"}
   assert batch["view1"].shape == batch["view2"].shape == (BATCH, 8, 8, 3)
-  assert batch["view1"].dtype == np.uint8 and batch["label"].dtype == np.int32
+  dtype = host_augment.VIEW_DTYPES[base.resolve_augment(make_config(tree).augment)["resize"]]
+  assert batch["view1"].dtype == dtype and batch["label"].dtype == np.int32
   ids = ids_of(batch["view1"])
   np.testing.assert_array_equal(ids_of(batch["view2"]), ids)  # two views of one image
   np.testing.assert_array_equal(batch["label"], ids // PER_CLASS)
@@ -195,10 +200,10 @@ def test_linear_train_label_fraction_subset(tree):
 def test_class_balanced_subset_function():
   labels = np.repeat(np.arange(5), [100, 50, 10, 1, 0][:5]).astype(np.int32)
   labels = np.concatenate([labels, np.full(7, -1, np.int32)])
-  subset = input_pipeline.class_balanced_subset(labels, 0.1, seed=3)
+  subset = stream_index.class_balanced_subset(labels, 0.1, seed=3)
   np.testing.assert_array_equal(np.bincount(labels[subset]), [10, 5, 1, 1])
   with pytest.raises(ValueError, match="label_fraction"):
-    input_pipeline.class_balanced_subset(labels, 0.0, seed=3)
+    stream_index.class_balanced_subset(labels, 0.0, seed=3)
 
 
 # ---------------------------------------------------------------------------
@@ -224,7 +229,7 @@ class FakeStream(datasets.StreamingSource):
     return len(self._members(split))
 
   def read(self, split):
-    tf = augment.import_tensorflow()
+    tf = tf_import.import_tensorflow()
     members = self._members(split)
     return tf.data.Dataset.from_tensor_slices(
         ([self.images[i] for i in members], np.asarray(members, np.int32) // PER_CLASS))
@@ -262,3 +267,79 @@ def test_streaming_eval_pads_processes_to_equal_counts(tree, stream):
     ids = np.concatenate([ids_of(b["image"][b["mask"]]) for b in batches])
     assert list(ids) == stream._members(f"{p}/2")
     assert all(b["image"].shape[0] == 4 for b in batches)
+
+
+# ---------------------------------------------------------------------------
+# In-memory arrays: the host gathers rows, the device crops (no TensorFlow).
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def npz(tmp_path_factory):
+  """The tree's 36 examples as one-size uint8 arrays, in the tree's (path) order."""
+  images = np.stack([np.full((12, 10, 3), (i, 255 - i, 77), np.uint8) for i in range(NUM)])
+  path = tmp_path_factory.mktemp("arrays") / "ids.npz"
+  np.savez(path, train_images=images, train_labels=np.arange(NUM) // PER_CLASS)
+  return path
+
+
+def array_config(npz, seed=0, batch_size=BATCH):
+  c = make_config(npz, seed, batch_size)
+  c.data.source = "npz"
+  return c
+
+
+def test_array_batches_carry_raw_images_and_crop_seeds(npz):
+  batch = pretrain(array_config(npz), n=1)[0]
+  assert set(batch) == {"image", "crop_seed", "label"}
+  assert batch["image"].shape == (BATCH, 12, 10, 3) and batch["image"].dtype == np.uint8
+  assert batch["crop_seed"].shape == (BATCH, 2, 2) and batch["crop_seed"].dtype == np.uint32
+  np.testing.assert_array_equal(batch["label"], ids_of(batch["image"]) // PER_CLASS)
+  seeds = batch["crop_seed"].reshape(-1, 2)
+  assert len({tuple(s) for s in seeds}) == 2 * BATCH  # one key per example and view
+
+
+def test_array_stream_is_the_tf_data_stream(tree, npz):
+  """Same order, resume and process shards as tf.data: the index arithmetic is shared."""
+  for seed in (0, 1):
+    expected = [ids_of(b["view1"]) for b in pretrain(make_config(tree, seed), n=7)]
+    full = pretrain(array_config(npz, seed), n=7)
+    np.testing.assert_array_equal([ids_of(b["image"]) for b in full], expected)
+    assert_batches_equal(pretrain(array_config(npz, seed), start=4, n=3), full[4:])
+  full = pretrain(array_config(npz), n=5)
+  for count in (2, 4):
+    shards = [pretrain(array_config(npz), p=p, count=count, n=5) for p in range(count)]
+    for step in range(5):
+      for key in ("image", "crop_seed", "label"):
+        np.testing.assert_array_equal(
+            np.concatenate([s[step][key] for s in shards]), full[step][key])
+
+
+def test_array_eval_and_linear_batches_match_tf_data(tree, npz):
+  kwargs = dict(batch_size=16, process_count=2)
+  for p in range(2):
+    want = list(input_pipeline.eval_batches(make_config(tree), "train", process_index=p,
+                                            **kwargs))
+    got = list(input_pipeline.eval_batches(array_config(npz), "train", process_index=p,
+                                           **kwargs))
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+      assert g["image"].shape == w["image"].shape and g["image"].dtype == w["image"].dtype
+      np.testing.assert_array_equal(g["mask"], w["mask"])
+      np.testing.assert_array_equal(g["label"], w["label"])
+      np.testing.assert_array_equal(ids_of(g["image"]), ids_of(w["image"]))  # padding: 0
+
+  def linear_ids(cfg):
+    batches = take(input_pipeline.linear_train_batches(
+        cfg, batch_size=8, start_step=2, process_index=1, process_count=2,
+        label_fraction=0.25), 4)
+    assert all(b["image"].shape == (4, 8, 8, 3) for b in batches)
+    return np.concatenate([ids_of(b["image"]) for b in batches])
+
+  np.testing.assert_array_equal(linear_ids(array_config(npz)), linear_ids(make_config(tree)))
+
+
+def test_folder_on_the_device_needs_one_image_size(tree):
+  cfg = make_config(tree)
+  cfg.augment.crop_on = "device"
+  with pytest.raises(datasets.DataSourceError, match="images of 35 sizes.*crop_on=host"):
+    datasets.load_source(cfg, "train")

@@ -1,24 +1,32 @@
-"""End to end through the runner: every job, resume after a kill, and user errors.
+"""End to end through the runner: every job, resume after kills and damage, and user errors.
 
 All runs use the demo config (real CIFAR-10 images shipped with the package)
 shrunk to a narrow ResNet-18 at 16 px, so a step takes well under a second.
+Compiled programs go through a persistent XLA cache shared with the
+subprocess runs, which then skip most of their compile time.
 """
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental.compilation_cache import compilation_cache
 
-from byol_jax import checkpoint, config_lib, main, reporting
+from byol_jax import checkpoint, config_lib, input_pipeline, jobs, main, reporting
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+XLA_CACHE = os.path.join(tempfile.gettempdir(), "byol_jax_tests_xla_cache")
+ENV = {**os.environ, "PYTHONPATH": REPO, "JAX_COMPILATION_CACHE_DIR": XLA_CACHE,
+       "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 TINY = {
     "batch_size": 16, "steps": 8, "warmup_steps": 2, "log_every_steps": 2,
     "checkpoint.every_steps": 2, "eval.every_steps": -1, "eval.knn_k": 5,
@@ -46,9 +54,22 @@ def cli(workdir, *args, timeout=300, **extra):
 
 
 def run_cli(workdir, *args, timeout=300, **extra):
-  env = {**os.environ, "PYTHONPATH": REPO}
   return subprocess.run(cli(workdir, *args, **extra), capture_output=True, text=True,
-                        timeout=timeout, env=env, cwd=REPO)
+                        timeout=timeout, env=ENV, cwd=REPO)
+
+
+def metric_steps(workdir, key="byol_loss"):
+  """The steps of the training rows of pretrain_metrics.jsonl, in file order."""
+  records = reporting.read_jsonl(os.path.join(workdir, "pretrain_metrics.jsonl"))
+  return [r["step"] for r in records if key in r]
+
+
+def assert_same_params(workdir_a, workdir_b):
+  step_a, _, a = final_params(workdir_a)
+  step_b, _, b = final_params(workdir_b)
+  assert step_a == step_b == 8
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y)
 
 
 def final_params(workdir):
@@ -56,16 +77,27 @@ def final_params(workdir):
   step = ckpt.latest_step()
   meta = ckpt.read_meta(step)
   restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore()))
+      online=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()))
   ckpt.close()
-  return step, meta, restored["state"]
+  return step, meta, (restored["online"], restored["train"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def xla_cache():
+  """The in-process runs share the subprocesses' persistent compilation cache."""
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  yield
+  jax.config.update("jax_compilation_cache_dir", None)
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
   """One uninterrupted tiny pretraining run, in-process."""
   workdir = str(tmp_path_factory.mktemp("pretrained"))
-  metrics = main.run_job("pretrain", tiny_config(**{"eval.every_steps": 0}), workdir)
+  metrics = jobs.run("pretrain", tiny_config(**{"eval.every_steps": 0}), workdir)
   return workdir, metrics
 
 
@@ -85,48 +117,117 @@ def test_pretrain_writes_metrics_tensorboard_plot_and_checkpoints(pretrained):
                 if s.isdigit()) == [4, 6, 8]  # keep=3
 
 
-def test_resume_after_kill_matches_uninterrupted_run_bit_for_bit(pretrained, tmp_path):
-  """SIGKILL a run after its step-4 checkpoint; rerunning finishes with identical params."""
-  reference_dir, _ = pretrained
+# `python -c KILLER MOMENT STEP <main's arguments>`: main, SIGKILLed at one moment of
+# step STEP (test instrumentation; nothing in byol_jax knows of it).
+KILLER = r"""
+import os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+from byol_jax import fileio, main, reporting
+moment, step = sys.argv.pop(1), int(sys.argv.pop(1))
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if moment == "after_row":  # between checkpoints, its metrics row written
+  write = reporting.Reporter.write
+  def patched(self, s, metrics, **kw):
+    write(self, s, metrics, **kw)
+    if s == step: die()
+  reporting.Reporter.write = patched
+elif moment == "mid_save":  # the step's files all written, not yet committed
+  finalize = atomicity.AtomicRenameTemporaryPath.finalize
+  async def patched(self):
+    if self._final_path.name == str(step): die()
+    return await finalize(self)
+  atomicity.AtomicRenameTemporaryPath.finalize = patched
+elif moment == "mid_row":  # half its metrics row written
+  append = fileio.append_text
+  def patched(path, text):
+    if f'"step": {step},' in text:
+      append(path, text[:len(text) // 2])
+      die()
+    append(path, text)
+  fileio.append_text = patched
+main.main()
+"""
+
+
+def test_sigkill_at_three_moments_then_resume_matches_an_uninterrupted_run(pretrained, tmp_path):
+  """Killed after a metrics row between checkpoints, in the middle of a save, and in the
+  middle of a metrics row, each time rerun: the final parameters equal the uninterrupted
+  run's bit for bit, and the metrics file holds each step once."""
   workdir = str(tmp_path / "killed")
-  env = {**os.environ, "PYTHONPATH": REPO}
-  log = open(tmp_path / "killed.log", "w+")
-  proc = subprocess.Popen(cli(workdir, **{"eval.every_steps": 0}), env=env, cwd=REPO,
-                          stdout=log, stderr=subprocess.STDOUT)
-  marker = os.path.join(workdir, "checkpoints", "4")
-  deadline = time.time() + 600
-  while not os.path.isdir(marker) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  log.seek(0)
-  assert os.path.isdir(marker), "no step-4 checkpoint:\n" + log.read()[-3000:]
-  done = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
-  assert max(done) < 8, "the run finished before it could be killed"
+  extra = {"log_every_steps": 1, "checkpoint.every_steps": 3}
+  for moment, step in (("after_row", 5), ("mid_save", 6), ("mid_row", 7)):
+    resumes_from = max(committed_steps(workdir), default=None)
+    args = cli(workdir, **extra)
+    proc = subprocess.run([args[0], "-c", KILLER, moment, str(step), *args[3:]], env=ENV,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, (moment, proc.stderr[-3000:])
+    if resumes_from:
+      assert f"Resumed from the checkpoint at step {resumes_from}." in proc.stderr
+    if moment == "mid_save":
+      assert 6 not in committed_steps(workdir)
+  with open(os.path.join(workdir, "pretrain_metrics.jsonl")) as f:
+    assert not f.read().endswith("\n")  # the row cut short by the last kill
 
-  result = run_cli(workdir, **{"eval.every_steps": 0})
+  resumes_from = max(committed_steps(workdir))
+  result = run_cli(workdir, **extra)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "Resumed from the checkpoint at step" in result.stderr
-  step_a, _, ref = final_params(reference_dir)
-  step_b, _, resumed = final_params(workdir)
-  assert step_a == step_b == 8
-  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(resumed)):
-    np.testing.assert_array_equal(a, b)
+  assert f"Resumed from the checkpoint at step {resumes_from}." in result.stderr
+  assert metric_steps(workdir) == list(range(1, 9))
+  assert_same_params(pretrained[0], workdir)
 
 
-def test_linear_eval_knn_and_export_jobs(pretrained, tmp_path):
+def committed_steps(workdir):
+  directory = os.path.join(workdir, "checkpoints")
+  return [int(s) for s in os.listdir(directory) if s.isdigit()] if os.path.isdir(directory) else []
+
+
+def test_damaged_checkpoints_are_set_aside_and_the_rerun_matches(pretrained, tmp_path, caplog):
+  """Step 8 truncated, step 6's arrays deleted: both are moved aside (kept), the rerun
+  resumes from step 4 and ends where the uninterrupted run did."""
+  workdir = str(tmp_path / "damaged")
+  shutil.copytree(pretrained[0], workdir)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  for root, _, files in os.walk(os.path.join(ckpt_dir, "8")):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(1)
+  shutil.rmtree(os.path.join(ckpt_dir, "6", "train"))
+  with caplog.at_level("WARNING"):
+    jobs.run("pretrain", tiny_config(), workdir)
+  assert sorted(os.listdir(ckpt_dir)) == ["4", "6", "8", "unreadable-6", "unreadable-8"]
+  assert any("unreadable-8" in r.getMessage() for r in caplog.records)
+  assert metric_steps(workdir) == [2, 4, 6, 8]
+  assert_same_params(pretrained[0], workdir)
+
+
+def test_resume_with_other_settings_is_refused_and_config_json_kept(pretrained, tmp_path):
+  workdir = str(tmp_path / "changed")
+  shutil.copytree(pretrained[0], workdir)
+  before = open(os.path.join(workdir, "config.json")).read()
+  with pytest.raises(main.USER_ERRORS) as e:
+    jobs.run("pretrain", tiny_config(batch_size=32, seed=1), workdir)
+  assert "batch_size=16 there vs 32 here" in str(e.value) and "seed=0 there vs 1" in str(e.value)
+  assert "--allow_changed_resume" in str(e.value)
+  assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def test_linear_eval_knn_and_export_jobs(pretrained, tmp_path, monkeypatch):
   source, _ = pretrained
-  config = tiny_config(**{"linear_eval.pretrained_workdir": source})
+  config = tiny_config(**{"linear_eval.pretrained_workdir": source, "eval.batch_size": 32})
   workdir = str(tmp_path / "eval")
-  best = main.run_job("linear_eval", config, workdir)
+  best = jobs.run("linear_eval", config, workdir)
   assert 0.0 <= best["test_top1"] <= best["test_top5"] <= 1.0
   saved = json.load(open(os.path.join(workdir, "linear_eval_results.json")))
   assert saved["best"]["test_top1"] == best["test_top1"]
 
-  knn = main.run_job("knn", config, workdir)
+  sizes, eval_batches = [], input_pipeline.eval_batches
+  monkeypatch.setattr(input_pipeline, "eval_batches",
+                      lambda *a, **k: sizes.append(k["batch_size"]) or eval_batches(*a, **k))
+  knn = jobs.run("knn", config, workdir)
   assert 0.0 <= knn["eval/knn_top1"] <= 1.0
+  assert sizes and set(sizes) == {32}  # config.eval.batch_size, not config.batch_size (16)
 
-  paths = main.run_job("export", config, workdir)
+  paths = jobs.run("export", config, workdir)
   arrays = np.load(paths["npz"] if "npz" in paths else os.path.join(workdir, "export",
                                                                     "encoder.npz"))
   assert any(k.startswith("encoder/") for k in arrays.files)
@@ -137,20 +238,34 @@ def test_fine_tune_on_a_label_subset(pretrained, tmp_path):
   config = tiny_config(**{"linear_eval.pretrained_workdir": source,
                           "linear_eval.fine_tune": True, "linear_eval.label_fraction": 0.1,
                           "linear_eval.epochs": 0.2})
-  best = main.run_job("linear_eval", config, str(tmp_path))
+  best = jobs.run("linear_eval", config, str(tmp_path))
   assert os.path.exists(tmp_path / "fine_tune_0.1_results.json")
   assert 0.0 <= best["test_top1"] <= 1.0
 
 
-def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
-  result = run_cli(tmp_path, **{"optimizer.base_lr": 1e30, "checkpoint.every_steps": 1,
+def test_nonfinite_loss_sets_aside_diverged_checkpoints_and_the_advice_finishes(tmp_path):
+  """lr 1e6 blows the loss up before it becomes NaN: the checkpoints saved on the way are
+  moved aside, and rerunning with a sane lr, as the message advises, finishes."""
+  result = run_cli(tmp_path, **{"optimizer.base_lr": 1e6, "checkpoint.every_steps": 1,
                                 "log_every_steps": 1})
-  assert result.returncode != 0
-  assert "The loss became" in result.stderr and "at step" in result.stderr
-  assert "Traceback" not in result.stderr
-  saved = [int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit()]
-  failed_at = int(result.stderr.split("at step ")[1].split(";")[0])
-  assert max(saved, default=0) < failed_at
+  assert result.returncode == 1
+  error = result.stderr.strip().splitlines()[-1]
+  assert error.startswith("error: The loss became") and "Traceback" not in result.stderr
+  failed_at = int(error.split("at step ")[1].split(";")[0])
+  assert "Lower --config.optimizer.base_lr" in error
+  ckpt_dir = tmp_path / "checkpoints"
+  kept = sorted(committed_steps(tmp_path))
+  assert max(kept, default=0) < failed_at
+  diverged = [s for s in os.listdir(ckpt_dir) if s.startswith("diverged-")]
+  assert diverged and all(str(ckpt_dir / d) in error for d in diverged)  # kept, and named
+  for step in kept:
+    assert checkpoint.vouched(checkpoint.Checkpointer(str(ckpt_dir)).read_meta(step))
+  assert (f"resumes from the checkpoint at step {max(kept)}" if kept else "starts from step 0") \
+      in error
+
+  result = run_cli(tmp_path, **{"checkpoint.every_steps": 1, "log_every_steps": 1})
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert metric_steps(tmp_path) == list(range(1, 9))
 
 
 def test_checkpoint_from_another_architecture_is_a_clear_error(pretrained, tmp_path):
@@ -178,28 +293,46 @@ def test_knn_without_pretraining_says_what_to_do(tmp_path):
   assert "No pretraining checkpoint" in result.stderr
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
-  """Preemption: SIGTERM mid-run saves the current step (off the checkpoint schedule), exits 143,
-  and the rerun resumes from exactly that step."""
-  workdir = str(tmp_path / "preempted")
-  extra = {"steps": 400, "checkpoint.every_steps": 1000, "log_every_steps": 1,
-           "eval.every_steps": -1}
-  proc = subprocess.Popen(cli(workdir, **extra), env={**os.environ, "PYTHONPATH": REPO},
-                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# main as a terminal's foreground job runs it: Ctrl-C raises KeyboardInterrupt (a shell's
+# background jobs, such as a test runner may be, ignore SIGINT, and so would their children).
+FOREGROUND = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from byol_jax import main; main.main()")
+
+
+def ctrl_c_after_rows(workdir, rows, *args, **extra):
+  """Runs main, presses Ctrl-C once the metrics file has `rows` rows; (exit code, stderr)."""
+  command = cli(workdir, *args, **extra)
+  proc = subprocess.Popen([command[0], "-c", FOREGROUND, *command[3:]], env=ENV, cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics = os.path.join(workdir, "pretrain_metrics.jsonl")
   deadline = time.time() + 600
   while proc.poll() is None and time.time() < deadline and not (
-      os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= 2):
+      os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= rows):
     time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signal.SIGINT)
   _, stderr = proc.communicate(timeout=300)
-  assert proc.returncode == main.PREEMPTED_EXIT_CODE, stderr[-3000:]
-  assert "Preempted at step" in stderr
+  return proc.returncode, stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
+  """A first Ctrl-C (as SIGTERM) saves the current step (off the checkpoint schedule) and
+  its metrics row, and exits 143; the rerun resumes from exactly that step, here with
+  another seed, which --allow_changed_resume allows."""
+  workdir = str(tmp_path / "preempted")
+  extra = {"steps": 400, "checkpoint.every_steps": 1000, "log_every_steps": 1,
+           "eval.every_steps": -1}
+  code, stderr = ctrl_c_after_rows(workdir, 2, **extra)
+  assert code == main.PREEMPTED_EXIT_CODE, stderr[-3000:]
+  assert "Preempted at step" in stderr and "Traceback" not in stderr
   step = int(stderr.split("Preempted at step ")[1].split(";")[0])
   assert 2 <= step < 400
-  saved = [int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()]
-  assert saved == [step]
+  assert committed_steps(workdir) == [step]
+  assert metric_steps(workdir) == list(range(1, step + 1))
 
-  result = run_cli(workdir, **{**extra, "steps": step + 2})
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert f"Resumed from the checkpoint at step {step}" in result.stderr
+  code, stderr = ctrl_c_after_rows(workdir, step + 2, "--allow_changed_resume", seed=1, **extra)
+  assert code == main.PREEMPTED_EXIT_CODE, stderr[-3000:]
+  assert f"Resumed from the checkpoint at step {step}." in stderr
+  assert "seed=0 there vs 1 here" in stderr
+  second = int(stderr.split("Preempted at step ")[1].split(";")[0])
+  assert sorted(committed_steps(workdir)) == [step, second]
+  assert metric_steps(workdir) == list(range(1, second + 1))

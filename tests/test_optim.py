@@ -193,9 +193,10 @@ def test_adaptation_mask_on_real_network_names(norm):
       if name in ("scale", "offset"):
         assert module.split("/")[-1] in ("bn", "gn"), module
   assert set(kinds) == {"w", "b", "scale", "offset"}
-  # ResNet-18: 20 convs (17 + 3 downsample) + 4 linears in projector/predictor + probe.
+  # ResNet-18: 20 convs (17 + 3 downsample) + 4 linears in projector/predictor + probe;
+  # biases: the heads' hidden linears and the probe (the heads' output layers have none).
   assert kinds["w"] == 20 + 5
-  assert kinds["b"] == 5
+  assert kinds["b"] == 3
   assert kinds["scale"] == kinds["offset"] == 20 + 2
   encoder_norms = {m.split("/")[-1] for m in params if m.startswith("encoder/") and
                    "scale" in params[m]}

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from byol_jax import networks, objectives, parallel, resnet, train_step
+from byol_jax import networks, objectives, optim, parallel, resnet, train_step
 from tests import tiny
 
 
@@ -22,9 +22,9 @@ def _setup(config, n_devices=1, with_state=True):
   Configs that differ from the tiny one only outside the model's parameters reuse the
   base fixture's initial state (with_state=False): initialising ResNet-18 costs seconds."""
   nets = networks.make_networks(config.model, config.data.num_classes)
-  optimizer = train_step.make_optimizer(config)
+  optimizer = optim.make_optimizer(config)
   mesh = _mesh(n_devices)
-  update = train_step.make_update_fn(config, nets, optimizer, mesh)
+  update = train_step.make_update_fn(config, nets, optimizer, mesh, _no_augmentation)
   state0 = None
   if with_state:
     state0 = parallel.fetch(jax.jit(lambda: train_step.init_state(
@@ -33,10 +33,17 @@ def _setup(config, n_devices=1, with_state=True):
                                update=update, state0=state0)
 
 
+def _no_augmentation(images, key, view):
+  """The views as given: these tests feed float views they made themselves."""
+  del key, view
+  return images
+
+
 def _run(setup, batches, state=None, keep=None):
   """Applies `update` to each host batch in turn; returns the host states after the last
   `keep` steps (all by default) and every step's metrics as floats."""
-  state = parallel.replicate(setup.state0 if state is None else state, setup.mesh)
+  state = jax.device_put(setup.state0 if state is None else state,
+                         parallel.replicated(setup.mesh))
   keep = len(batches) if keep is None else keep
   states, metrics = [], []
   for i, batch in enumerate(batches):
@@ -195,7 +202,7 @@ def _synthetic_batch(rng, protos, batch_size):
 
 def _normalised_projections(nets, state, images):
   out, _ = nets.online.apply(state.online_params, state.online_state,
-                             train_step.normalize(images), True)
+                             images, True)
   return np.asarray(objectives.l2_normalize(out["projection"]))
 
 
@@ -211,7 +218,10 @@ def test_training_lowers_loss_without_collapse(base):
   states, metrics = _run(base, batches, keep=2)
   losses = np.array([m["byol_loss"] for m in metrics])
   assert np.all(np.isfinite(losses))
-  assert losses[-5:].mean() < 0.7 * losses[:2].mean(), losses
+  # A quarter lower in 20 steps (the reference's bias-free heads learn this toy a little
+  # slower than heads with an output bias did: 0.73 vs < 0.7 of the start).
+  assert losses[-5:].mean() < 0.75 * losses[:2].mean(), losses
+  assert losses[-1] < losses[0]
   stds = np.array([m["projection_std"] for m in metrics])
   assert stds.min() > 0.3, stds
 
@@ -254,7 +264,7 @@ def test_bfloat16_compute_keeps_float32_params(base, first_step):
 
 def _conv1_batch_mean(params, views):
   """Per-channel batch mean of the (ImageNet-stem) first conv's output: what bn1 averages."""
-  x = train_step.normalize(jax.numpy.asarray(views))
+  x = networks.preprocess(jax.numpy.asarray(views))
   y = jax.lax.conv_general_dilated(x, params["encoder/conv1"]["w"], (2, 2), ((3, 3), (3, 3)),
                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return np.asarray(y, np.float64).mean(axis=(0, 1, 2))

@@ -7,6 +7,8 @@ moves every schedule with it.
 
 import ml_collections
 
+from byol_jax.errors import ConfigError
+
 
 def view_config(blur_prob: float, solarize_prob: float) -> ml_collections.ConfigDict:
   """One view's augmentation distribution (BYOL paper, Table 6)."""
@@ -15,16 +17,48 @@ def view_config(blur_prob: float, solarize_prob: float) -> ml_collections.Config
       crop_aspect=(3 / 4, 4 / 3),     # and aspect-ratio range (log-uniform)
       flip_prob=0.5,
       color_jitter_prob=0.8,
+      # Strengths s. tf_image colour: brightness adds U[-s, s], contrast and saturation
+      # scale by U[1 - s, 1 + s]; torchvision: all three scale by U[max(0, 1 - s), 1 + s].
       brightness=0.4,
       contrast=0.4,
       saturation=0.2,
-      hue=0.1,
+      hue=0.1,                        # both: the hue turns by U[-s, s] of a full turn
       grayscale_prob=0.2,
       blur_prob=blur_prob,
-      blur_sigma=(0.1, 2.0),          # kernel side is 10% of the image side
+      blur_sigma=(0.1, 2.0),          # kernel 2 * (side // 20) + 1 taps, as the reference
       solarize_prob=solarize_prob,
       solarize_threshold=0.5,
   ))
+
+
+# What `augment.style` sets. A crop / color / resize field of `config.augment`
+# left at None follows the style; one set explicitly wins (an ablation).
+AUGMENT_STYLES = {
+    # DeepMind's released BYOL code: one-draw crop window (byol_jax/crop_windows.py),
+    # tf.image colour ops with a zero-padded blur, bicubic resize on float.
+    "reference": dict(crop="reference", color="tf_image", resize="bicubic"),
+    # torchvision / SimCLR: Inception crop (10 tries, centre fallback), torchvision's
+    # ColorJitter semantics with a reflect-padded blur, bilinear resize to uint8.
+    "torchvision": dict(crop="inception", color="torchvision", resize="bilinear"),
+}
+
+
+def resolve_augment(augment) -> dict:
+  """`{crop, color, resize}` of a `config.augment` block, checked (ConfigError)."""
+  if augment.style not in AUGMENT_STYLES:
+    raise ConfigError(f"augment.style must be one of {', '.join(map(repr, AUGMENT_STYLES))}, "
+                      f"got {augment.style!r}.")
+  resolved = dict(AUGMENT_STYLES[augment.style])
+  for field in resolved:
+    value = augment.get(field)
+    if value is None:
+      continue
+    choices = sorted({style[field] for style in AUGMENT_STYLES.values()})
+    if value not in choices:
+      raise ConfigError(f"augment.{field} must be one of {', '.join(map(repr, choices))} or "
+                        f"None (follow augment.style), got {value!r}.")
+    resolved[field] = value
+  return resolved
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -41,9 +75,16 @@ def get_base_config() -> ml_collections.ConfigDict:
 
   c.model = ml_collections.ConfigDict(dict(
       depth=50, width=1, stem="imagenet", norm="batch",   # norm: "batch" | "group_ws"
+      # True: each block's last BN scale starts at 0 (Goyal et al.), as the released
+      # code does; the paper's numbers are without it (byol/README.md), hence off.
       zero_init_residual=False,
       base_channels=64,               # stem width; < 64 only for CPU demos and tests
+      # "haiku_same": Haiku's asymmetric "SAME" padding at stride 2, as DeepMind's
+      # released BYOL weights need (--job=import_reference); exports exactly too.
+      padding="torchvision",
       projector_hidden=4096, predictor_hidden=4096, projection_dim=256,
+      head_bias=False,                # output-layer bias of the heads: none in the released code
+      head_norm=True,                 # BatchNorm in the heads; False: the "needs batch stats?" ablation
       # Speed option, off as in the paper: one BN batch for both views.
       merge_views_bn=False,
       use_predictor=True,             # False: the paper's collapsing ablation
@@ -52,12 +93,14 @@ def get_base_config() -> ml_collections.ConfigDict:
       base_lr=0.2, weight_decay=1.5e-6, momentum=0.9, eta=1e-3))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="tfds",                  # "tfds" | "folder" (directory or .zip) | "demo"
+      source="tfds",                  # "tfds" | "folder" (directory or .zip) | "npz" | "demo"
       name="imagenet2012",            # TFDS name (source="tfds")
       data_dir=ml_collections.FieldReference(None, field_type=str),  # TFDS data_dir; may be gs://
-      path=ml_collections.FieldReference(None, field_type=str),      # folder or zip (source="folder")
-      train_split="train[10000:]",    # pretraining and linear-eval training
-      val_split="train[:10000]",      # held out for hyper-parameter selection
+      path=ml_collections.FieldReference(None, field_type=str),      # folder, zip or .npz file
+      # Pretraining and linear-eval training: all of train, as the reference. For the
+      # linear-eval grid (selects on val_split), train on "train[10000:]" instead.
+      train_split="train",
+      val_split="train[:10000]",      # the reference's hyper-parameter selection split
       test_split="validation",        # reported numbers
       image_size=224,
       eval_crop_fraction=224 / 256,   # centre crop of the short side at evaluation; 1.0 = none
@@ -70,12 +113,20 @@ def get_base_config() -> ml_collections.ConfigDict:
       verify_images="auto",
   ))
   c.augment = ml_collections.ConfigDict(dict(
+      style="reference",              # sets crop, color, resize: see AUGMENT_STYLES
+      crop=ml_collections.FieldReference(None, field_type=str),    # None: follow style
+      color=ml_collections.FieldReference(None, field_type=str),   # None: follow style
+      resize=ml_collections.FieldReference(None, field_type=str),  # None: follow style
+      # Where the random resized crop + flip run: "host" (tf.data), "device" (in the step, on
+      # one-size images decoded into memory), "auto": device for npz or without TensorFlow.
+      crop_on="auto",
       view1=view_config(blur_prob=1.0, solarize_prob=0.0),
       view2=view_config(blur_prob=0.1, solarize_prob=0.2),
   ))
 
   c.eval = ml_collections.ConfigDict(dict(
       every_steps=5000,               # probe top-1/5, kNN and collapse monitor on held-out data
+      batch_size=1024,                # global batch of evaluation forwards (kNN, probe)
       knn_k=200, knn_temperature=0.1,
       max_examples=-1,                # cap on examples used by periodic eval (-1: all)
   ))
@@ -85,13 +136,18 @@ def get_base_config() -> ml_collections.ConfigDict:
   # Linear evaluation / fine-tuning of a pretrained encoder (job "linear_eval").
   c.linear_eval = ml_collections.ConfigDict(dict(
       pretrained_workdir=ml_collections.FieldReference(None, field_type=str),  # default: --workdir
-      epochs=80.0, batch_size=1024, base_lr=0.2, momentum=0.9, nesterov=True,
+      # The reference's byol/configs/eval.py: SGD with Nesterov momentum, lr 0.2 x
+      # batch/256 cosine-decayed without warm-up, no weight decay, at the batch size
+      # of the pretraining run (its --batch_size flag), crop + flip only.
+      epochs=80.0, batch_size=4096, base_lr=0.2, momentum=0.9, nesterov=True,
       weight_decay=0.0, lr_grid=(), weight_decay_grid=(),  # grids: select on val_split
       fine_tune=False,                # train the encoder too (semi-supervised protocol)
       label_fraction=1.0,             # 0.01 / 0.1 for the 1% / 10% protocols
       encoder_lr_multiplier=1.0,
   ))
   c.export = ml_collections.ConfigDict(dict(include_projector=False))
+  # DeepMind's released checkpoint (.pkl) that --job=import_reference reads.
+  c.import_path = ml_collections.FieldReference(None, field_type=str)
   return c
 
 

@@ -1,13 +1,15 @@
 r"""BYOL ResNet-50 on ImageNet, the paper's main recipe (74.3% linear top-1 at 1000 epochs).
 
 Batch 4096 over all devices, LARS, lr 0.2 x batch/256, weight decay 1.5e-6,
-tau_base 0.996, 10 warm-up epochs. Shorter schedules use the paper's presets:
-`--config=resnet50_imagenet:300` (also 40 and 100).
+tau_base 0.996, 10 warm-up epochs, on all 1,281,167 training images with
+floor(epochs x N / batch) steps, as DeepMind's byol/configs/byol.py. Shorter
+schedules use its presets: `--config=resnet50_imagenet:300` (also 40 and 100).
+Linear evaluation as its byol/configs/eval.py (see `linear_eval` in base.py).
 """
 
 from byol_jax.configs import base
 
-# epochs -> (base_lr, weight_decay, base_tau), from the BYOL paper's schedules.
+# epochs -> (base_lr, weight_decay, base_tau): byol/configs/byol.py's presets.
 PRESETS = {
     40: (0.45, 1e-6, 0.97),
     100: (0.45, 1e-6, 0.99),

@@ -22,8 +22,15 @@ import numpy as np
 import optax
 from absl import logging
 
-from byol_jax import checkpoint, fileio, networks, objectives, parallel, pretrain, reporting, train_step
+from byol_jax import checkpoint, datasets, fileio, input_pipeline, loop, networks, objectives
+from byol_jax import parallel, reporting
 
+# What a resumed classifier run must share with its checkpoint (`checkpoint.settings`);
+# lr and weight decay name the run's folder.
+TRAJECTORY = ("seed", "linear_eval.batch_size", "linear_eval.epochs", "linear_eval.label_fraction",
+              "linear_eval.fine_tune", "linear_eval.momentum", "linear_eval.nesterov",
+              "data.source", "data.name", "data.path", "data.train_split", "data.image_size",
+              "data.num_train_examples")
 
 class LinearState(NamedTuple):
   step: jax.Array
@@ -35,10 +42,10 @@ class LinearState(NamedTuple):
 
 def make_classifier(model_config, num_classes: int, fine_tune: bool):
   def classify(images, is_training: bool):
-    embedding = networks._encoder(model_config)(images, is_training and fine_tune)  # pylint: disable=protected-access
+    embedding = networks._encoder(model_config)(networks.preprocess(images), is_training and fine_tune)  # pylint: disable=protected-access
     if not fine_tune:
       embedding = jax.lax.stop_gradient(embedding)
-    return hk.Linear(num_classes, name="classifier", w_init=jnp.zeros)(embedding)
+    return hk.Linear(num_classes, name="classifier")(embedding)  # the reference's init
   return hk.without_apply_rng(hk.transform_with_state(classify))
 
 
@@ -47,14 +54,14 @@ def _split(params):
       lambda m, n, v: m.startswith("classifier"), params)
 
 
-def train_and_evaluate(config, pre_state, mesh, *, lr: float, weight_decay: float,
-                       workdir: str) -> dict:
-  """Trains one classifier with (lr, weight_decay); returns val and test accuracy."""
-  from byol_jax import datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+def train_and_evaluate(config, pretrained, mesh, *, lr: float, weight_decay: float,
+                       workdir: str, allow_changed_resume: bool = False) -> dict:
+  """Trains one classifier with (lr, weight_decay) on the pretrained (params, state);
+  returns val and test accuracy."""
   le = config.linear_eval
   num_classes = config.data.num_classes
   num_train, _ = datasets.dataset_info(config, config.data.train_split)
-  steps = max(1, math.ceil(le.epochs * num_train * le.label_fraction / le.batch_size))
+  steps = max(1, math.floor(le.epochs * num_train * le.label_fraction / le.batch_size))
   parallel.check_batch_size(le.batch_size, mesh)
   classifier = make_classifier(config.model, num_classes, le.fine_tune)
   schedule = optax.cosine_decay_schedule(lr * le.batch_size / 256, steps)
@@ -70,8 +77,8 @@ def train_and_evaluate(config, pre_state, mesh, *, lr: float, weight_decay: floa
     params, _ = make_classifier(config.model, num_classes, True).init(
         jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)), True)
     _, head = _split(params)
-    encoder_params = networks.encoder_subset(pre_state.online_params)
-    encoder_state = networks.encoder_subset(pre_state.online_state)
+    encoder_params = networks.encoder_subset(pretrained[0])
+    encoder_state = networks.encoder_subset(pretrained[1])
     trainable = {**head, **encoder_params} if le.fine_tune else head
     return LinearState(jnp.zeros((), jnp.int32), encoder_params, encoder_state, head,
                        optimizer.init(trainable))
@@ -80,7 +87,7 @@ def train_and_evaluate(config, pre_state, mesh, *, lr: float, weight_decay: floa
   state = jax.jit(init, out_shardings=repl)()
 
   def update(state: LinearState, batch):
-    images = train_step.normalize(train_step.to_float_images(batch["image"]))
+    images = batch["image"]
 
     def loss_fn(trainable):
       enc = {k: v for k, v in trainable.items() if k.startswith("encoder")} or state.encoder_params
@@ -105,37 +112,32 @@ def train_and_evaluate(config, pre_state, mesh, *, lr: float, weight_decay: floa
 
   @jax.jit
   def predict(state: LinearState, images):
-    images = train_step.normalize(train_step.to_float_images(images))
     logits, _ = classifier.apply({**state.encoder_params, **state.head_params},
                                  state.encoder_state, images, False)
     return logits
 
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
-  start, restored = ckpt.restore(checkpoint.abstract(state))
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=1)
+  settings = checkpoint.settings(config.to_dict(), TRAJECTORY)
+  start, restored = ckpt.restore({"state": checkpoint.abstract(state)},
+                                 expected_settings=settings, allow_changed=allow_changed_resume)
   if restored is not None:
-    state = restored
+    state = restored["state"]
   start = start or 0
-  chief = jax.process_index() == 0
   reporter = reporting.Reporter(workdir, total_steps=steps, batch_size=le.batch_size,
-                                enabled=chief, name="linear_eval")
+                                enabled=jax.process_index() == 0, name="linear_eval")
   batches = input_pipeline.linear_train_batches(
       config, batch_size=le.batch_size, start_step=start, process_index=jax.process_index(),
       process_count=jax.process_count(), label_fraction=le.label_fraction)
-  reporter.start_timer(start)
-  every = max(1, min(config.log_every_steps, steps))
   with ckpt:
-    for step in range(start, steps):
-      state, metrics = update(state, parallel.to_global(next(batches), mesh))
-      done = step + 1
-      if done % every == 0 or done == steps:
-        metrics = parallel.fetch(metrics)
-        if not np.isfinite(metrics["loss"]):
-          raise pretrain.NonFiniteLossError(
-              f"The linear-evaluation loss became {metrics['loss']} at step {done}; lower "
-              "--config.linear_eval.base_lr.")
-        reporter.write(done, metrics)
-      if done % config.checkpoint.every_steps == 0 or done == steps:
-        ckpt.save(done, state, {"lr": lr, "weight_decay": weight_decay})
+    state, last = loop.train(
+        state, update=update, batches=batches, mesh=mesh, start=start, total=steps,
+        every=loop.Every(config.log_every_steps, config.checkpoint.every_steps),
+        reporter=reporter, ckpt=ckpt, to_items=lambda s: {"state": s},
+        meta={"lr": lr, "weight_decay": weight_decay, "settings": settings},
+        divergence_advice="Lower --config.linear_eval.base_lr and rerun (a learning rate trains "
+                          "in a folder of its own).")
+  if "preempted_at_step" in last:
+    return last
 
   def accuracy(split):
     hits = {"top1": 0, "top5": 0}
@@ -159,9 +161,11 @@ def train_and_evaluate(config, pre_state, mesh, *, lr: float, weight_decay: floa
   return result
 
 
-def run(config, workdir: str, pretrained_workdir: str, mesh) -> dict:
-  """Evaluates the pretrained encoder in `pretrained_workdir`; results under workdir."""
-  config, _, pre_state = pretrain.load_pretrained(config, pretrained_workdir, mesh)
+def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
+  """Evaluates the pretrained encoder (of `linear_eval.pretrained_workdir`, default
+  `workdir`); results under workdir."""
+  source = config.linear_eval.pretrained_workdir or workdir
+  config, _, params, net_state = checkpoint.load_pretrained(config, source, mesh)
   le = config.linear_eval
   name = "fine_tune" if le.fine_tune else "linear_eval"
   if le.label_fraction < 1.0:
@@ -171,8 +175,11 @@ def run(config, workdir: str, pretrained_workdir: str, mesh) -> dict:
   results = []
   for lr, wd in itertools.product(lrs, wds):
     run_dir = os.path.join(workdir, name, f"lr{lr:g}_wd{wd:g}")
-    results.append(train_and_evaluate(config, pre_state, mesh, lr=lr, weight_decay=wd,
-                                      workdir=run_dir))
+    result = train_and_evaluate(config, (params, net_state), mesh, lr=lr, weight_decay=wd,
+                                workdir=run_dir, allow_changed_resume=allow_changed_resume)
+    if "preempted_at_step" in result:
+      return result
+    results.append(result)
     logging.info("%s lr=%g wd=%g: %s", name, lr, wd, results[-1])
   best = max(results, key=lambda r: r.get("val_top1", r["test_top1"]))
   summary = {"best": best, "all": results}

@@ -1,0 +1,34 @@
+"""The jobs `--job` selects; each module has `run(config, workdir, mesh) -> dict`.
+
+Jobs that resume from their own checkpoints (RESUMING) also take
+`allow_changed_resume`. A job holds its workdir for its whole run
+(`workdir_lock`): a second run on it is refused.
+"""
+
+import importlib
+
+JOBS = {
+    "pretrain": "BYOL pretraining (resumes from --workdir/checkpoints)",
+    "linear_eval": "linear evaluation (or fine-tuning) of the pretrained encoder",
+    "knn": "kNN accuracy of the pretrained encoder",
+    "compare": "the pretrained encoder vs the same network at random init (kNN, linear, collapse)",
+    "export": "the encoder as .npz and as a torchvision state dict",
+    "import_reference": "DeepMind's released BYOL checkpoint (.pkl) -> a byol_jax checkpoint",
+}
+RESUMING = ("pretrain", "linear_eval")
+
+
+def run(job: str, config, workdir: str, mesh=None, *, allow_changed_resume: bool = False) -> dict:
+  """Runs one job in-process (the entry point of `main` and of the tests).
+
+  A multi-process job holds the workdir through process 0.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from byol_jax import datasets, parallel, workdir_lock  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(f"byol_jax.jobs.{job}")
+  extra = {"allow_changed_resume": allow_changed_resume} if job in RESUMING else {}
+  try:
+    with workdir_lock.hold(workdir, job, enabled=jax.process_index() == 0):
+      return module.run(config, workdir, mesh or parallel.make_mesh(), **extra)
+  finally:
+    datasets.clear_source_cache()

@@ -1,0 +1,19 @@
+"""The kNN job: kNN (and probe) accuracy of a pretrained encoder, written to knn_results.json."""
+
+import json
+import os
+
+import jax
+
+from byol_jax import checkpoint, evaluation, fileio, train_step
+
+
+def run(config, workdir: str, mesh) -> dict:
+  source = config.linear_eval.pretrained_workdir or workdir
+  config, nets, params, state = checkpoint.load_pretrained(config, source, mesh)
+  embed = train_step.make_embed_fn(nets, mesh)
+  metrics = evaluation.evaluate_on_splits(config, embed, params, state, mesh)
+  print("[knn] " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()), flush=True)
+  if jax.process_index() == 0:
+    fileio.write_text(os.path.join(workdir, "knn_results.json"), json.dumps(metrics, indent=2))
+  return metrics

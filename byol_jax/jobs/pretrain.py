@@ -1,0 +1,95 @@
+"""The pretraining job: data -> update step -> metrics and checkpoints.
+
+Every process runs this same loop over its own shard of each global batch: the
+step is `train_step.make_update_fn`, the data `input_pipeline.pretrain_batches`
+(a pure function of the step, which is why resuming needs only the TrainState),
+the loop `loop.train`.
+"""
+
+import functools
+import os
+
+import jax
+from absl import logging
+
+from byol_jax import checkpoint, config_lib, datasets, device_augment, evaluation, fileio
+from byol_jax import input_pipeline, loop, networks, optim, parallel, reporting, train_step
+
+DIVERGENCE_ADVICE = ("Lower --config.optimizer.base_lr or raise --config.warmup_epochs and rerun "
+                     "the command with that change.")
+# What a resumed run must share with its checkpoint to continue the same run
+# (`checkpoint.settings`); the learning rate and warmup may change: they are
+# the remedy DIVERGENCE_ADVICE gives.
+TRAJECTORY = ("seed", "batch_size", "steps", "data.source", "data.name", "data.path",
+              "data.train_split", "data.image_size", "data.num_train_examples", "augment")
+
+
+def prepare(config, mesh):
+  """Dataset sizes -> finalised config (derived steps, classes) checked against the mesh."""
+  num_examples, num_classes = datasets.dataset_info(config, config.data.train_split)
+  config = config_lib.finalize(config, num_examples, num_classes)
+  parallel.check_batch_size(config.batch_size, mesh)
+  return config
+
+
+def create_state(config, nets, optimizer, mesh):
+  size = config.data.image_size
+  init = functools.partial(train_step.init_state, config, nets, optimizer, (size, size, 3),
+                           config.seed)
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))()
+
+
+def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
+  """Pretrains (or resumes) in `workdir`; returns the last metrics.
+
+  Resuming with other TRAJECTORY settings than the checkpoint's is refused
+  unless `allow_changed_resume`.
+  """
+  # --- Setup: config, networks, state ---
+  config = prepare(config, mesh)
+  chief = jax.process_index() == 0
+  nets = networks.make_networks(config.model, config.data.num_classes)
+  optimizer = optim.make_optimizer(config)
+  state = create_state(config, nets, optimizer, mesh)
+
+  # --- Resume from the newest readable checkpoint ---
+  ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=config.checkpoint.keep)
+  arch = checkpoint.architecture(config)
+  settings = checkpoint.settings(config.to_dict(), TRAJECTORY)
+  start, restored = ckpt.restore(checkpoint.abstract(checkpoint.state_items(state)), arch,
+                                 expected_settings=settings, allow_changed=allow_changed_resume)
+  if restored is not None:
+    state = checkpoint.state_from_items(restored)
+    logging.info("Resumed from the checkpoint at step %d.", start)
+  start = start or 0
+  if chief:
+    config_path = os.path.join(workdir, "config.json")
+    fileio.write_text(config_path, config.to_json_best_effort(indent=2))
+    print(f"[pretrain] config: {config_path}; {config.steps} steps of {config.batch_size}",
+          flush=True)
+
+  # --- Step, data, evaluation ---
+  update = train_step.make_update_fn(config, nets, optimizer, mesh,
+                                     device_augment.make_augment_fn(config))
+  embed = train_step.make_embed_fn(nets, mesh)
+  batches = input_pipeline.pretrain_batches(
+      config, start_step=start, process_index=jax.process_index(),
+      process_count=jax.process_count())
+
+  def evaluate(state):
+    return evaluation.evaluate_on_splits(config, embed, state.online_params, state.online_state,
+                                         mesh, max_examples=config.eval.max_examples)
+
+  # --- Train ---
+  reporter = reporting.Reporter(workdir, total_steps=config.steps, batch_size=config.batch_size,
+                                enabled=chief)
+  with ckpt:
+    _, last = loop.train(
+        state, update=update, batches=batches, mesh=mesh, start=start, total=config.steps,
+        every=loop.Every(config.log_every_steps, config.checkpoint.every_steps,
+                         config.eval.every_steps),
+        reporter=reporter, ckpt=ckpt, to_items=checkpoint.state_items,
+        meta={"architecture": arch, "config": config.to_dict(), "settings": settings},
+        divergence_advice=DIVERGENCE_ADVICE, evaluate=evaluate)
+  reporter.plot()
+  return last

@@ -1,0 +1,73 @@
+"""The demo's summary: `--job=compare` after a tiny pretraining run, in-process."""
+
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+
+from byol_jax import evaluation, jobs, readout
+from byol_jax.jobs import compare
+from tests.test_main import tiny_config
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("compare"))
+  config = tiny_config(**{"steps": 4, "eval.batch_size": 128, "data.train_split": "train[:512]",
+                          "data.test_split": "test[:256]"})
+  jobs.run("pretrain", config, workdir)
+  return workdir, jobs.run("compare", config, workdir)
+
+
+def test_table_has_both_rows_with_finite_numbers(compared, capsys):
+  _, report = compared
+  text = compare.table(report)
+  for name in ("BYOL", "random init"):
+    row = next(line for line in text.splitlines() if line.startswith(f"{name:<14}"))
+    numbers = [float(x) for x in row[len(name):].replace("%", " ").split()]
+    assert len(numbers) == 3 and all(math.isfinite(x) for x in numbers), row
+    assert 0 <= numbers[0] <= 100 and 0 <= numbers[1] <= 100
+  for key in ("byol", "random"):
+    r = report["results"][key]
+    assert r["finite"] and r["num_test_features"] == 256 and r["num_train_features"] == 512
+  assert report["gaps"]["knn_top1"] == pytest.approx(
+      report["results"]["byol"]["knn_top1"] - report["results"]["random"]["knn_top1"])
+
+
+def test_writes_results_and_lists_the_files(compared):
+  workdir, report = compared
+  with open(os.path.join(workdir, "compare_results.json")) as f:
+    assert json.load(f)["results"]["byol"]["knn_top1"] == report["results"]["byol"]["knn_top1"]
+  listing = compare.files(workdir, os.path.join(workdir, "compare_results.json"))
+  for name in ("pretrain_curves.png", "checkpoints", "config.json", "compare_results.json"):
+    assert os.path.join(workdir, name) in listing
+
+
+def test_random_baseline_reestimates_bn_statistics_only():
+  """Same weights as BYOL's starting point; BN averages move off Haiku's initial zeros."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from byol_jax import parallel  # pylint: disable=g-import-not-at-top
+  mesh = parallel.make_mesh()
+  config = tiny_config(**{"eval.batch_size": 128})
+  _, _, params0, initial = readout.initial_network(config, mesh)
+  config, nets, params, state = readout.random_baseline(config, mesh, bn_split="train[:256]",
+                                                        batch_size=128)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), params0, params)))
+  moved = jax.tree.map(lambda a, b: bool((a != b).any()), initial, state)
+  assert any(jax.tree.leaves(moved))
+  after = readout.features(config, nets, params, state, "test[:128]", mesh, 128)
+  assert np.isfinite(after["embedding"]).all()
+  assert evaluation.projection_spread(after["projection"]) > 0.1
+
+
+def test_linear_probe_separates_separable_features():
+  rng = np.random.default_rng(0)
+  centres = rng.normal(0, 3, (10, 16))
+  labels = rng.integers(0, 10, 1200)
+  feats = (centres[labels] + rng.normal(0, 1, (1200, 16))).astype(np.float32)
+  result = readout.linear_probe(feats[:1000], labels[:1000], feats[1000:], labels[1000:],
+                                steps=200, lr=0.05, seed=0)
+  assert result["top1"] > 0.9
+  assert result["weight_decay"] in readout.PROBE_WEIGHT_DECAYS
