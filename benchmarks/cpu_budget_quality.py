@@ -23,7 +23,12 @@ recipe and budget with one change (`ABLATIONS` below):
                 random initial network;
   tau_zero      base_tau=0.0, constant: no moving average, the target is the
                 online network's current copy;
-  no_head_bn    projector and predictor without BatchNorm (`model.head_norm=False`).
+  no_head_bn    projector and predictor without BatchNorm (`model.head_norm=False`);
+  gn_ws_no_head_bn  no batch statistics anywhere: the encoder on GroupNorm + weight
+                standardisation (`model.norm=group_ws`) and heads without BatchNorm,
+                the follow-up paper's answer to "does BYOL need batch statistics?";
+  torchvision_style  the SimCLR/torchvision views (`augment.style=torchvision`)
+                instead of the reference's, the same budget and seed.
 
 The read-out is `byol_jax.readout` (shared with the demo's `--job=compare`) on
 frozen `embedding` features of centre-cropped images, computed once per
@@ -68,6 +73,8 @@ ABLATIONS = {
     "tau_one": {"base_tau": 1.0, "tau_schedule": "constant"},   # target frozen at random init
     "tau_zero": {"base_tau": 0.0, "tau_schedule": "constant"},  # target = online, no EMA
     "no_head_bn": {"model.head_norm": False},                   # projector/predictor without BN
+    "gn_ws_no_head_bn": {"model.norm": "group_ws", "model.head_norm": False},  # no batch stats
+    "torchvision_style": {"augment.style": "torchvision"},     # SimCLR-style views
 }
 PRETRAINED = tuple(ABLATIONS)
 VARIANTS = ("byol", "random", *PRETRAINED[1:])
@@ -101,7 +108,8 @@ def parse_args(argv=None):
   parser.add_argument("--data", default=DEFAULT_ZIP, help="CIFAR-10 zip (train/ and test/)")
   parser.add_argument("--mode", default="compare", choices=sorted(MODES),
                       help="compare: BYOL, random init, no predictor; ablations: also tau = 1, "
-                      "tau = 0 and heads without BatchNorm")
+                      "tau = 0, heads without BatchNorm, no batch statistics at all, and "
+                      "torchvision-style views")
   parser.add_argument("--variants", default=None,
                       help=f"comma-separated subset of {','.join(VARIANTS)} (default: the mode's)")
   parser.add_argument("--workdir", default=None, help="keep the pretraining runs here "

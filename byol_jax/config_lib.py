@@ -17,6 +17,7 @@ from typing import List, Sequence, Tuple
 
 import ml_collections
 
+from byol_jax import datasets, parallel
 from byol_jax.errors import ConfigError
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
@@ -110,6 +111,14 @@ def exit_on_bad_command_line(name_or_path: str, overrides: Sequence[str]) -> Non
     load_from_argv(["byol_jax.main", f"--config={name_or_path}", *overrides])
   except ConfigError as e:
     sys.exit(f"error: {e}")
+
+
+def prepare(config: ml_collections.ConfigDict, mesh) -> ml_collections.ConfigDict:
+  """Dataset sizes -> finalised config (derived steps, classes) checked against the mesh."""
+  num_examples, num_classes = datasets.dataset_info(config, config.data.train_split)
+  config = finalize(config, num_examples, num_classes)
+  parallel.check_batch_size(config.batch_size, mesh)
+  return config
 
 
 def finalize(config: ml_collections.ConfigDict, num_train_examples: int,

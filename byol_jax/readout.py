@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from byol_jax import evaluation, input_pipeline, networks, optim, parallel, train_step
+from byol_jax import config_lib, evaluation, input_pipeline, networks, optim, parallel, train_step
 
 PROBE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
@@ -44,10 +44,9 @@ def initial_network(config, mesh):
 
   The state's BN moving averages are Haiku's initial zeros: see `recalibrate_bn`.
   """
-  from byol_jax.jobs import pretrain  # pylint: disable=g-import-not-at-top  (jobs import this)
-  config = pretrain.prepare(config, mesh)
+  config = config_lib.prepare(config, mesh)
   nets = networks.make_networks(config.model, config.data.num_classes)
-  state = pretrain.create_state(config, nets, optim.make_optimizer(config), mesh)
+  state = train_step.create_state(config, nets, optim.make_optimizer(config), mesh)
   return config, nets, state.online_params, state.online_state
 
 

@@ -6,6 +6,7 @@ per view, as in the reference), the symmetric loss and the probe's loss, the
 LARS update and the target EMA.
 """
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import haiku as hk
@@ -37,6 +38,13 @@ def init_state(config, nets: networks_lib.Networks, optimizer, image_shape, seed
                     target_params=networks_lib.target_subset(params),
                     target_state=networks_lib.target_subset(state),
                     opt_state=optimizer.init(params))
+
+
+def create_state(config, nets: networks_lib.Networks, optimizer, mesh) -> TrainState:
+  """`init_state` for `config.seed` and image size, replicated over `mesh`."""
+  size = config.data.image_size
+  init = functools.partial(init_state, config, nets, optimizer, (size, size, 3), config.seed)
+  return jax.jit(init, out_shardings=parallel.replicated(mesh))()
 
 
 AugmentFn = Callable[[jax.Array, jax.Array, int], jax.Array]

@@ -168,6 +168,10 @@ def test_cpu_budget_quality_ablation_configs():
   assert config.base_tau == 0.0 and config.tau_schedule == "constant"
   config = bench.make_config(bench.BUDGETS["tiny"], "unused.zip", 0, "no_head_bn")
   assert config.model.head_norm is False
+  config = bench.make_config(bench.BUDGETS["tiny"], "unused.zip", 0, "gn_ws_no_head_bn")
+  assert config.model.norm == "group_ws" and config.model.head_norm is False
+  config = bench.make_config(bench.BUDGETS["tiny"], "unused.zip", 0, "torchvision_style")
+  assert config.augment.style == "torchvision"
 
 
 def test_cpu_budget_quality_rejects_unknown_variants():

@@ -169,13 +169,12 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
 
 
 def _tiny_train_state():
-  from byol_jax import networks, optim, parallel  # pylint: disable=g-import-not-at-top
-  from byol_jax.jobs import pretrain  # pylint: disable=g-import-not-at-top
+  from byol_jax import networks, optim, parallel, train_step  # pylint: disable=g-import-not-at-top
   from tests import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.tiny_config()
   mesh = parallel.make_mesh(jax.devices()[:1])
   nets = networks.make_networks(config.model, config.data.num_classes)
-  return config, mesh, pretrain.create_state(config, nets, optim.make_optimizer(config), mesh)
+  return config, mesh, train_step.create_state(config, nets, optim.make_optimizer(config), mesh)
 
 
 def test_checkpoint_of_the_old_layout_still_restores(tmp_path):

@@ -6,14 +6,13 @@ step is `train_step.make_update_fn`, the data `input_pipeline.pretrain_batches`
 the loop `loop.train`.
 """
 
-import functools
 import os
 
 import jax
 from absl import logging
 
-from byol_jax import checkpoint, config_lib, datasets, device_augment, evaluation, fileio
-from byol_jax import input_pipeline, loop, networks, optim, parallel, reporting, train_step
+from byol_jax import checkpoint, config_lib, device_augment, evaluation, fileio, input_pipeline
+from byol_jax import loop, networks, optim, reporting, train_step
 
 DIVERGENCE_ADVICE = ("Lower --config.optimizer.base_lr or raise --config.warmup_epochs and rerun "
                      "the command with that change.")
@@ -24,21 +23,6 @@ TRAJECTORY = ("seed", "batch_size", "steps", "data.source", "data.name", "data.p
               "data.train_split", "data.image_size", "data.num_train_examples", "augment")
 
 
-def prepare(config, mesh):
-  """Dataset sizes -> finalised config (derived steps, classes) checked against the mesh."""
-  num_examples, num_classes = datasets.dataset_info(config, config.data.train_split)
-  config = config_lib.finalize(config, num_examples, num_classes)
-  parallel.check_batch_size(config.batch_size, mesh)
-  return config
-
-
-def create_state(config, nets, optimizer, mesh):
-  size = config.data.image_size
-  init = functools.partial(train_step.init_state, config, nets, optimizer, (size, size, 3),
-                           config.seed)
-  return jax.jit(init, out_shardings=parallel.replicated(mesh))()
-
-
 def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
   """Pretrains (or resumes) in `workdir`; returns the last metrics.
 
@@ -46,11 +30,11 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
   unless `allow_changed_resume`.
   """
   # --- Setup: config, networks, state ---
-  config = prepare(config, mesh)
+  config = config_lib.prepare(config, mesh)
   chief = jax.process_index() == 0
   nets = networks.make_networks(config.model, config.data.num_classes)
   optimizer = optim.make_optimizer(config)
-  state = create_state(config, nets, optimizer, mesh)
+  state = train_step.create_state(config, nets, optimizer, mesh)
 
   # --- Resume from the newest readable checkpoint ---
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=config.checkpoint.keep)
