@@ -27,8 +27,9 @@ recipe and budget with one change (`ABLATIONS` below):
   gn_ws_no_head_bn  no batch statistics anywhere: the encoder on GroupNorm + weight
                 standardisation (`model.norm=group_ws`) and heads without BatchNorm,
                 the follow-up paper's answer to "does BYOL need batch statistics?";
-  torchvision_style  the SimCLR/torchvision views (`augment.style=torchvision`)
-                instead of the reference's, the same budget and seed.
+  torchvision_style / reference_style  the other views than the budget's
+                (`--augment_style`, `augment.style`): SimCLR/torchvision or DeepMind's,
+                the same budget and seed.
 
 The read-out is `byol_jax.readout` (shared with the demo's `--job=compare`) on
 frozen `embedding` features of centre-cropped images, computed once per
@@ -74,8 +75,11 @@ ABLATIONS = {
     "tau_zero": {"base_tau": 0.0, "tau_schedule": "constant"},  # target = online, no EMA
     "no_head_bn": {"model.head_norm": False},                   # projector/predictor without BN
     "gn_ws_no_head_bn": {"model.norm": "group_ws", "model.head_norm": False},  # no batch stats
+    # The other views than the budget's (`--augment_style`); the mode runs the one that differs.
+    "reference_style": {"augment.style": "reference"},         # DeepMind's views
     "torchvision_style": {"augment.style": "torchvision"},     # SimCLR-style views
 }
+STYLE_VARIANT = {"reference": "reference_style", "torchvision": "torchvision_style"}
 PRETRAINED = tuple(ABLATIONS)
 VARIANTS = ("byol", "random", *PRETRAINED[1:])
 MODES = {
@@ -87,15 +91,15 @@ MODES = {
 # experiments/cpu_budget.md (chosen with the pilots listed there).
 BUDGETS = {
     "tiny": dict(steps=2, batch_size=16, base_channels=4, image_size=16, mlp_hidden=32,
-                 projection_dim=16, base_lr=1.0, base_tau=0.99, warmup_steps=1,
+                 projection_dim=16, base_lr=1.0, base_tau=0.99, warmup_steps=1, augment_style="reference",
                  train_examples=128, test_examples=128, probe_steps=20, bn_batches=2,
                  eval_batch=64),
     "pilot": dict(steps=120, batch_size=128, base_channels=16, image_size=32, mlp_hidden=1024,
-                  projection_dim=256, base_lr=0.5, base_tau=0.99, warmup_steps=12,
+                  projection_dim=256, base_lr=0.5, base_tau=0.99, warmup_steps=12, augment_style="reference",
                   train_examples=5000, test_examples=2000, probe_steps=300, bn_batches=20,
                   eval_batch=500),
     "full": dict(steps=400, batch_size=128, base_channels=16, image_size=32, mlp_hidden=1024,
-                 projection_dim=256, base_lr=0.5, base_tau=0.99, warmup_steps=40,
+                 projection_dim=256, base_lr=0.5, base_tau=0.99, warmup_steps=40, augment_style="reference",
                  train_examples=10000, test_examples=10000, probe_steps=500, bn_batches=20,
                  eval_batch=500),
 }
@@ -123,12 +127,17 @@ def parse_args(argv=None):
     parser.add_argument(f"--{name}", type=int, default=None)
   for name in ("base_lr", "base_tau", "probe_lr"):
     parser.add_argument(f"--{name}", type=float, default=None)
+  parser.add_argument("--augment_style", default=None, choices=("reference", "torchvision"),
+                      help="the views of every variant (default: the budget's)")
   args = parser.parse_args(argv)
   settings = dict(BUDGETS[args.budget], probe_lr=0.01)
-  for name in (*ints, "base_lr", "base_tau", "probe_lr"):
+  for name in (*ints, "base_lr", "base_tau", "probe_lr", "augment_style"):
     if getattr(args, name) is not None:
       settings[name] = getattr(args, name)
-  variants = [v for v in (args.variants or ",".join(MODES[args.mode])).split(",") if v]
+  if args.variants is None:
+    variants = [v for v in MODES[args.mode] if v != STYLE_VARIANT[settings["augment_style"]]]
+  else:
+    variants = [v for v in args.variants.split(",") if v]
   unknown = set(variants) - set(VARIANTS)
   if unknown:
     parser.error(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
@@ -169,6 +178,7 @@ def make_config(settings, data: str, seed: int, variant: str):
   c.model.base_channels = settings["base_channels"]
   c.model.projector_hidden = c.model.predictor_hidden = settings["mlp_hidden"]
   c.model.projection_dim = settings["projection_dim"]
+  c.augment.style = settings["augment_style"]
   c.eval.every_steps = -1                    # read out below, once, on the final encoder
   c.checkpoint.every_steps = settings["steps"]
   c.checkpoint.keep = 1

@@ -162,8 +162,14 @@ def test_cpu_budget_quality_tiny_run(shared_cifar10, tmp_path):
 
 def test_cpu_budget_quality_ablation_configs():
   bench = _load("cpu_budget_quality")
-  _, _, variants = bench.parse_args(["--mode=ablations"])
-  assert set(variants) == set(bench.VARIANTS)
+  _, settings, variants = bench.parse_args(["--mode=ablations"])
+  assert settings["augment_style"] == "reference"
+  assert set(variants) == set(bench.VARIANTS) - {"reference_style"}  # the budget's own views
+  _, settings, variants = bench.parse_args(["--mode=ablations", "--augment_style=torchvision"])
+  assert set(variants) == set(bench.VARIANTS) - {"torchvision_style"}
+  config = bench.make_config(settings, "unused.zip", 0, "reference_style")
+  assert config.augment.style == "reference"
+  assert bench.make_config(settings, "unused.zip", 0, "byol").augment.style == "torchvision"
   config = bench.make_config(bench.BUDGETS["tiny"], "unused.zip", 0, "tau_zero")
   assert config.base_tau == 0.0 and config.tau_schedule == "constant"
   config = bench.make_config(bench.BUDGETS["tiny"], "unused.zip", 0, "no_head_bn")
