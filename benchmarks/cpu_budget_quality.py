@@ -87,28 +87,34 @@ MODES = {
     "ablations": VARIANTS,                           # every ablation too (<= 60 minutes)
 }
 
-# Pretraining budget and read-out sizes. "full" is the ~20-minute run recorded in
-# experiments/cpu_budget.md (chosen with the pilots listed there).
+# Pretraining budget and read-out sizes. "full" is the ~20-minute compare run and
+# "ablations" the <= 60-minute ablation run recorded in experiments/cpu_budget.md
+# (chosen with the pilots listed there); each mode defaults to its own.
+_READOUT = dict(train_examples=10000, test_examples=10000, probe_steps=500, bn_batches=20,
+                eval_batch=500)
+_NETWORK = dict(batch_size=128, base_channels=16, image_size=32, mlp_hidden=1024,
+                projection_dim=256, base_lr=0.5, base_tau=0.99)
 BUDGETS = {
     "tiny": dict(steps=2, batch_size=16, base_channels=4, image_size=16, mlp_hidden=32,
-                 projection_dim=16, base_lr=1.0, base_tau=0.99, warmup_steps=1, augment_style="reference",
-                 train_examples=128, test_examples=128, probe_steps=20, bn_batches=2,
-                 eval_batch=64),
-    "pilot": dict(steps=120, batch_size=128, base_channels=16, image_size=32, mlp_hidden=1024,
-                  projection_dim=256, base_lr=0.5, base_tau=0.99, warmup_steps=12, augment_style="reference",
+                 projection_dim=16, base_lr=1.0, base_tau=0.99, warmup_steps=1,
+                 augment_style="reference", train_examples=128, test_examples=128,
+                 probe_steps=20, bn_batches=2, eval_batch=64),
+    "pilot": dict(_NETWORK, steps=120, warmup_steps=12, augment_style="reference",
                   train_examples=5000, test_examples=2000, probe_steps=300, bn_batches=20,
                   eval_batch=500),
-    "full": dict(steps=400, batch_size=128, base_channels=16, image_size=32, mlp_hidden=1024,
-                 projection_dim=256, base_lr=0.5, base_tau=0.99, warmup_steps=40, augment_style="reference",
-                 train_examples=10000, test_examples=10000, probe_steps=500, bn_batches=20,
-                 eval_batch=500),
+    # The torchvision views: the reference's learn less in one or two epochs (cpu_budget.md).
+    "full": dict(_NETWORK, **_READOUT, steps=900, warmup_steps=90, augment_style="torchvision"),
+    # Eight pretraining runs: 400 steps each, on the reference's views.
+    "ablations": dict(_NETWORK, **_READOUT, steps=400, warmup_steps=40, augment_style="reference"),
 }
+DEFAULT_BUDGET = {"compare": "full", "ablations": "ablations"}
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--budget", default="full", choices=sorted(BUDGETS))
+  parser.add_argument("--budget", default=None, choices=sorted(BUDGETS),
+                      help="default: full for --mode=compare, ablations for --mode=ablations")
   parser.add_argument("--data", default=DEFAULT_ZIP, help="CIFAR-10 zip (train/ and test/)")
   parser.add_argument("--mode", default="compare", choices=sorted(MODES),
                       help="compare: BYOL, random init, no predictor; ablations: also tau = 1, "
@@ -130,6 +136,7 @@ def parse_args(argv=None):
   parser.add_argument("--augment_style", default=None, choices=("reference", "torchvision"),
                       help="the views of every variant (default: the budget's)")
   args = parser.parse_args(argv)
+  args.budget = args.budget or DEFAULT_BUDGET[args.mode]
   settings = dict(BUDGETS[args.budget], probe_lr=0.01)
   for name in (*ints, "base_lr", "base_tau", "probe_lr", "augment_style"):
     if getattr(args, name) is not None:

@@ -10,11 +10,14 @@ batch, Adam, a fixed number of steps, with its L2 weight picked on 10% of the
 probe's training features and then refitted on all of them. Cheap enough to
 run on every encoder of a comparison.
 
-The random-init baseline needs `recalibrate_bn`: Haiku's BN moving averages
-start at 0 with no update at init, so inference-mode BN divides by
-sqrt(0 + eps) at every layer and the features degenerate (identical or
-non-finite). Re-estimating the statistics with training-mode forwards over
-training images, weights untouched, gives the honest random baseline.
+The random-init baseline needs `recalibrate_bn`: at init Haiku's BN averages
+hold the statistics of init's dummy batch (all-zero images, one uniform grey
+after normalisation), not of real images, so inference-mode features of the
+initial state are those of an arbitrarily rescaled network (identical or
+non-finite in some settings, oddly strong in others). Re-estimating the
+statistics with training-mode forwards over training images, weights
+untouched, gives the random baseline under the same conditions as a
+pretrained encoder's.
 """
 
 from typing import Dict, Optional
@@ -42,7 +45,7 @@ def features(config, nets, params, state, split: str, mesh, batch_size: int) -> 
 def initial_network(config, mesh):
   """BYOL's starting point for this config and seed: (config, nets, params, state).
 
-  The state's BN moving averages are Haiku's initial zeros: see `recalibrate_bn`.
+  The state's BN averages are the statistics of init's dummy batch: see `recalibrate_bn`.
   """
   config = config_lib.prepare(config, mesh)
   nets = networks.make_networks(config.model, config.data.num_classes)
