@@ -135,7 +135,7 @@ def parse_args(argv=None):
     parser.add_argument(f"--{name}", type=int, default=None)
   for name in ("base_lr", "base_tau", "probe_lr"):
     parser.add_argument(f"--{name}", type=float, default=None)
-  parser.add_argument("--augment_style", default=None, choices=("reference", "torchvision"),
+  parser.add_argument("--augment_style", default=None, choices=sorted(STYLE_VARIANT),
                       help="the views of every variant (default: the budget's)")
   args = parser.parse_args(argv)
   args.budget = args.budget or DEFAULT_BUDGET[args.mode]
