@@ -14,7 +14,10 @@ the exact call, the carried wheels and data, and how to build them):
 3. BYOL pretraining of a ResNet-18 on the carried CIFAR-10 .npz, TF-free
    (in-memory path, device-side augmentation), for what is left of the budget
    (at most --pretrain_s), then kNN top-1 on its test split against the same
-   network at its random initialisation.
+   network at its random initialisation;
+4. if a minute is left: `bench_ops.py` on this device (ResNet-50's 1x1 convs as
+   XLA convolutions vs as matmuls, the stem max-pool two ways), which checks
+   the choices `resnet.py` made from CPU measurements.
 
 Everything goes to $OUT/accelerator_run.json (rewritten after every stage, so a
 late failure keeps the earlier figures; a failed stage is recorded and the
@@ -48,6 +51,8 @@ PRETRAIN_BATCH = 512
 # there (a CPU compile costs ~15 s); the largest batch is planned, not run.
 TINY_STEPS = 6
 MEMORY_HEADROOM = 0.85  # of the free device memory a "largest" batch may plan to use
+OPS_ARGS = ("--batch_size=128", "--repeats=10")  # ResNet-50 at 224 px
+OPS_ARGS_TINY = ("--image_size=32", "--base_channels=4", "--batch_size=2", "--repeats=1")
 
 
 def parse_args(argv):
@@ -330,6 +335,12 @@ def main(argv=None):
     report.stage("pretrain_resnet18_cifar10", pretrain(args, mesh, step_s, max(budget, 30.0)))
   except Exception as e:  # pylint: disable=broad-except
     report.error("pretrain_resnet18_cifar10", e)
+  if deadline - time.perf_counter() > 60.0:
+    import bench_ops  # pylint: disable=g-import-not-at-top
+    try:
+      report.stage("ops", bench_ops.main(list(OPS_ARGS_TINY if args.tiny else OPS_ARGS)))
+    except Exception as e:  # pylint: disable=broad-except
+      report.error("ops", e)
   report.data["total_s"] = time.perf_counter() - start
   report.save()
   print(f"wrote {report.path} after {report.data['total_s']:.0f} s", flush=True)

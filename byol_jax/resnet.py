@@ -93,19 +93,56 @@ def embedding_dim(depth: int, width: int = 1, base_channels: int = 64) -> int:
   return layout(depth, width, base_channels)[-1].out_channels
 
 
-class WSConv2D(hk.Conv2D):
-  """Conv2D whose kernel is standardised per output channel (Qiao et al. 2019)."""
+class Conv2D(hk.Conv2D):
+  """`hk.Conv2D` (same parameter "w", HWIO), with 1x1 kernels run as a matmul and
+  optional weight standardisation (Qiao et al. 2019: per output channel).
+
+  A 1x1 convolution is a matmul over channels, after striding. On XLA:CPU the
+  dot and its gradients run 1.4-3x faster than the convolution, and ResNet-50's
+  whole update step 1.4x (`benchmarks/bench_ops.py`, experiments/speed.md); the
+  result is the same up to float rounding.
+  """
+
+  def __init__(self, *args, standardize: bool = False, **kwargs):
+    super().__init__(*args, **kwargs)
+    self.standardize = standardize
 
   def __call__(self, inputs):
-    w_shape = (*self.kernel_shape, inputs.shape[-1] // self.feature_group_count,
-               self.output_channels)
+    w_shape = (*self.kernel_shape, inputs.shape[-1], self.output_channels)
     w = hk.get_parameter("w", w_shape, inputs.dtype, init=self.w_init)
-    mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
-    var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
-    w = (w - mean) * jax.lax.rsqrt(var + WS_EPS)
+    if self.standardize:
+      mean = jnp.mean(w, axis=(0, 1, 2), keepdims=True)
+      var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
+      w = (w - mean) * jax.lax.rsqrt(var + WS_EPS)
+    if self.kernel_shape == (1, 1):  # no padding at any stride, "SAME" or torchvision's
+      sh, sw = self.stride
+      return jnp.einsum("nhwc,cd->nhwd", inputs[:, ::sh, ::sw], w[0, 0])
     return jax.lax.conv_general_dilated(
         inputs, w, window_strides=self.stride, padding=self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def max_pool_3x3_s2(x, padding: str):
+  """The stem's 3x3 stride-2 max-pool, as the maximum of nine strided slices.
+
+  Its gradient is elementwise selects, where `lax.reduce_window`'s is a
+  select-and-scatter, slower on XLA:CPU (1.2x alone, 3% of ResNet-50's step;
+  `benchmarks/bench_ops.py`).
+  Same values; the gradient differs only where two inputs of a window tie
+  exactly, which it splits instead of giving to the first (after a ReLU, ties
+  at zero get no gradient either way).
+  """
+  # Output ceil(n / 2) either way. torchvision pads one pixel each side; "SAME"
+  # (Haiku) pads the odd pixel after, so an even side gets none before.
+  pads = [(1 if padding == "torchvision" or size % 2 else 0, 1) for size in x.shape[1:3]]
+  out_h, out_w = ((size + 1) // 2 for size in x.shape[1:3])
+  x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+  out = None
+  for i in range(3):
+    for j in range(3):
+      tap = x[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2]
+      out = tap if out is None else jnp.maximum(out, tap)
+  return out
 
 
 def batch_norm(x, is_training: bool, scale_init=jnp.ones, name: str = "bn"):
@@ -138,15 +175,14 @@ class Norm(hk.Module):
 
 def conv(norm: str, channels: int, kernel: int, stride: int, name: str,
          padding: str = "torchvision"):
-  cls = WSConv2D if norm == "group_ws" else hk.Conv2D
   pad = kernel // 2
   # "SAME" (Haiku, TF) pads for an output of ceil(n / stride), any odd pixel after. For
   # these odd kernels that is torchvision's kernel // 2 on both sides, except at stride 2
   # on an even n, where it pads one pixel less before.
   pads = "SAME" if padding == "haiku_same" else ((pad, pad), (pad, pad))
-  return cls(channels, kernel, stride=stride, padding=pads, with_bias=False,
-             w_init=hk.initializers.VarianceScaling(2.0, "fan_out", "normal"),
-             name=name)
+  return Conv2D(channels, kernel, stride=stride, padding=pads, with_bias=False,
+                w_init=hk.initializers.VarianceScaling(2.0, "fan_out", "normal"),
+                standardize=norm == "group_ws", name=name)
 
 
 class Block(hk.Module):
@@ -204,8 +240,7 @@ class ResNet(hk.Module):
       x = conv(n, self.stem_channels, 3, 1, "conv1", p)(x)
     x = jax.nn.relu(Norm(n, name="bn1")(x, is_training))
     if self.stem == "imagenet":
-      pads = "SAME" if p == "haiku_same" else ((0, 0), (1, 1), (1, 1), (0, 0))
-      x = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pads)
+      x = max_pool_3x3_s2(x, p)
     for spec in self.blocks:
       x = Block(spec, n, p, self.zero_init_residual)(x, is_training)
     return jnp.mean(x, axis=(1, 2))

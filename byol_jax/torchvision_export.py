@@ -138,7 +138,7 @@ def _conv_weight(params, module: str, weight_standardised: bool) -> np.ndarray:
   """HWIO kernel -> torch OIHW, with weight standardisation folded in if the model used it."""
   w = leaf(params, module, "w", "params").astype(np.float64)
   if weight_standardised:
-    # Exactly what resnet.WSConv2D computes at every forward: per output channel,
+    # Exactly what resnet.Conv2D(standardize=True) computes at every forward: per output channel,
     # over (H, W, I), population variance. In float64 so folding adds no error.
     mean = w.mean(axis=(0, 1, 2), keepdims=True)
     var = w.var(axis=(0, 1, 2), keepdims=True)

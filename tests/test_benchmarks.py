@@ -131,6 +131,77 @@ def test_jaxpr_flop_count_matches_shape_arithmetic():
 
 
 # ----------------------------------------------------------------------------
+# bench_reference_step.py
+# ----------------------------------------------------------------------------
+
+# A stand-in for deepmind-research's byol/ (not available to CI): the same
+# interface and the same dependencies the shims must cover (jax.tree_map, acme,
+# dill), and a pmapped step with a cross-device mean, like the reference's.
+_STAND_IN = {
+    "byol/__init__.py": "",
+    "byol/configs/__init__.py": "",
+    "byol/utils/__init__.py": "",
+    "byol/configs/byol.py": """
+def get_config(num_epochs, batch_size):
+  return dict(batch_size=batch_size, max_steps=num_epochs,
+              network_config=dict(encoder_class="ResNet50"),
+              checkpointing_config=dict(checkpoint_dir="/nonexistent"))
+""",
+    "byol/utils/augmentations.py": """
+import jax
+def postprocess(inputs, rng):
+  noise = jax.random.uniform(rng, inputs["view1"].shape)
+  return dict(view1=inputs["view1"] * noise, view2=inputs["view2"], labels=inputs["labels"])
+""",
+    "byol/byol_experiment.py": """
+from acme.jax import utils as acme_utils
+import dill
+import jax
+import jax.numpy as jnp
+from byol.utils import augmentations
+
+class ByolExperiment:
+  def __init__(self, batch_size, max_steps, network_config, checkpointing_config):
+    assert checkpointing_config["checkpoint_dir"] != "/nonexistent"
+    self.update_pmap = jax.pmap(self._update_fn, axis_name="i")
+
+  def _make_initial_state(self, rng, dummy_input):
+    return {"w": jax.random.normal(rng, (dummy_input["view1"].shape[-1], 4))}
+
+  def _update_fn(self, state, global_step, rng, inputs):
+    views = augmentations.postprocess(inputs, rng)
+    grads = jax.grad(lambda s: jnp.mean((views["view1"] @ s["w"]) ** 2))(state)
+    grads = jax.tree_map(lambda g: jax.lax.pmean(g, "i"), grads)
+    return jax.tree_map(lambda w, g: w - 0.1 * g, state, grads), {"step": global_step}
+""",
+}
+
+
+def test_bench_reference_step_runs_a_reference_step_and_prints_figures(tmp_path):
+  for name, text in _STAND_IN.items():
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(text)
+  path = tmp_path / "ref.json"
+  stdout = _run("bench_reference_step.py", f"--reference_dir={tmp_path}", "--batch_size=4",
+                "--image_size=8", "--steps=2", f"--json={path}", host_devices=2)
+  figures = json.loads(path.read_text())
+  assert figures["devices"] == 2 and figures["batch_size"] == 4
+  for key in ("train_compile_s", "train_step_s", "train_cpu_s_per_step", "train_images_per_s",
+              "train_step_gflop_xla", "augment_s", "augment_share_of_step"):
+    assert _positive(figures[key]), (key, figures[key])
+    assert re.search(rf"^{key}\s+\S+$", stdout, re.M), key
+  assert figures["train_images_per_s"] == pytest.approx(4 / figures["train_step_s"])
+
+
+def test_bench_reference_step_names_a_wrong_reference_dir(tmp_path):
+  result = subprocess.run([sys.executable, os.path.join(BENCH, "bench_reference_step.py"),
+                           f"--reference_dir={tmp_path}"], capture_output=True, text=True,
+                          timeout=300, cwd=REPO, env=_env())
+  assert result.returncode != 0
+  assert "no byol/byol_experiment.py" in result.stderr
+
+
+# ----------------------------------------------------------------------------
 # cpu_budget_quality.py
 # ----------------------------------------------------------------------------
 
@@ -232,6 +303,21 @@ def test_accelerator_run_tiny_cpu_mode(tmp_path):
   for key in ("knn_top1_random_init", "knn_top1_pretrained"):
     assert 0.0 <= pretrain[key] <= 1.0
   assert re.search(r"kNN top-1 [\d.]+ at init -> [\d.]+", result.stdout)
+  ops = stages["ops"]
+  for key in ("pointwise_total_conv_ms", "pointwise_total_matmul_ms", "pointwise_speedup",
+              "max_pool_reduce_window_ms", "max_pool_nine_slices_ms"):
+    assert _positive(ops[key]), key
+
+
+def test_bench_ops_finds_every_pointwise_conv_of_resnet50():
+  ops = _load("bench_ops")
+  found = ops.pointwise_convs(ops.parse_args([]))
+  # 16 bottlenecks with two 1x1 convs each, and 4 projection shortcuts.
+  assert sum(found.values()) == 36
+  assert found[(56, 64, 64, 1)] == 1            # layer1_0's first conv, on the stem's 64
+  assert found[(56, 256, 64, 1)] == 2           # layer1_1 and layer1_2
+  assert found[(56, 256, 512, 2)] == 1          # layer2_0's strided shortcut
+  assert found[(7, 512, 2048, 1)] == 3          # every layer4 block's last conv
 
 
 def test_accelerator_run_plans_the_largest_batch_from_xla_memory():

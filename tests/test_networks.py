@@ -182,13 +182,13 @@ def test_group_norm_ws_network_builds_and_runs():
 def _ws_conv():
   def fn(x):
     module = resnet.conv("group_ws", 8, 3, 1, "c")
-    assert isinstance(module, resnet.WSConv2D)
+    assert module.standardize
     return module(x)
   return hk.transform(fn)
 
 
 def test_ws_conv_effective_kernel_is_standardised():
-  """WSConv2D's effective kernel (read off as the Jacobian of one output pixel) has mean 0
+  """A weight-standardised conv's effective kernel (read off as the Jacobian of one output pixel) has mean 0
   and variance 1 per output channel and equals (w - mean) / std of the raw weight."""
   f = _ws_conv()
   x = jax.random.normal(KEY, (1, 3, 3, 5))
@@ -221,3 +221,47 @@ def test_ws_conv_is_invariant_to_affine_changes_of_its_weight():
                              rtol=1e-4, atol=1e-4)
   plain = hk.transform(lambda x: resnet.conv("batch", 8, 3, 1, "c")(x))
   assert not np.allclose(plain.apply(moved, None, x), plain.apply(params, None, x), atol=1e-2)
+
+
+@pytest.mark.parametrize("norm", ["batch", "group_ws"])
+@pytest.mark.parametrize("stride,padding,side", [(1, "torchvision", 6), (2, "torchvision", 7),
+                                                 (2, "haiku_same", 6), (2, "haiku_same", 7)])
+def test_pointwise_conv_as_a_matmul_equals_the_convolution(norm, stride, padding, side):
+  """1x1 kernels run as a matmul: same output and gradients as XLA's convolution of the
+  same (standardised) kernel with the padding the config names."""
+  f = hk.without_apply_rng(hk.transform(
+      lambda x: resnet.conv(norm, 8, 1, stride, "c", padding=padding)(x)))
+  x = jax.random.normal(KEY, (2, side, side, 5))
+  params = f.init(KEY, x)
+  assert params["c"]["w"].shape == (1, 1, 5, 8)
+
+  def by_conv(params, x):
+    w = params["c"]["w"]
+    if norm == "group_ws":
+      w = (w - w.mean(axis=(0, 1, 2))) * jax.lax.rsqrt(w.var(axis=(0, 1, 2)) + resnet.WS_EPS)
+    pads = "SAME" if padding == "haiku_same" else ((0, 0), (0, 0))
+    return jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  np.testing.assert_allclose(f.apply(params, x), by_conv(params, x), rtol=1e-5, atol=1e-5)
+  loss = lambda fn: lambda p, x: jnp.sum(jnp.sin(fn(p, x)))
+  got = jax.grad(loss(f.apply), argnums=(0, 1))(params, x)
+  want = jax.grad(loss(by_conv), argnums=(0, 1))(params, x)
+  for g, h in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, h, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("padding", resnet.PADDINGS)
+@pytest.mark.parametrize("side", [5, 6, 9, 12])
+def test_stem_max_pool_equals_reduce_window(padding, side):
+  """The nine-slice max-pool gives lax.reduce_window's values, and its gradient where no
+  window ties (continuous random inputs)."""
+  pads = "SAME" if padding == "haiku_same" else ((0, 0), (1, 1), (1, 1), (0, 0))
+  reference = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1),
+                                              (1, 2, 2, 1), pads)
+  ours = lambda x: resnet.max_pool_3x3_s2(x, padding)
+  x = jax.random.normal(KEY, (2, side, side + 1, 3))
+  np.testing.assert_array_equal(ours(x), reference(x))
+  weights = jax.random.normal(jax.random.PRNGKey(1), reference(x).shape)
+  grad = lambda fn: jax.grad(lambda x: jnp.sum(fn(x) * weights))(x)
+  np.testing.assert_array_equal(grad(ours), grad(reference))
