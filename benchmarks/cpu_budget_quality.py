@@ -31,6 +31,10 @@ recipe and budget with one change (`ABLATIONS` below):
                 (`--augment_style`, `augment.style`): SimCLR/torchvision or DeepMind's,
                 the same budget and seed.
 
+`--mode=views` runs BYOL on DeepMind's views with one part at a time swapped
+for torchvision's (`augment.crop=inception`, `augment.color=torchvision`,
+`augment.resize=bilinear`), beside both whole styles, on the ablation budget.
+
 The read-out is `byol_jax.readout` (shared with the demo's `--job=compare`) on
 frozen `embedding` features of centre-cropped images, computed once per
 encoder: kNN (cosine, k=200, T=0.1, as in the recipe) and a cheap linear probe
@@ -45,6 +49,7 @@ writes all of it.
 
   python benchmarks/cpu_budget_quality.py --json=cpu_budget.json     # ~20 minutes
   python benchmarks/cpu_budget_quality.py --mode=ablations           # <= 60 minutes
+  python benchmarks/cpu_budget_quality.py --mode=views               # ~25 minutes
   python benchmarks/cpu_budget_quality.py --budget=tiny --mode=ablations   # smoke run
 
 Every --budget field can be overridden by its flag.
@@ -78,13 +83,22 @@ ABLATIONS = {
     # The other views than the budget's (`--augment_style`); the mode runs the one that differs.
     "reference_style": {"augment.style": "reference"},         # DeepMind's views
     "torchvision_style": {"augment.style": "torchvision"},     # SimCLR-style views
+    # DeepMind's views with one part swapped for torchvision's (--mode=views).
+    "reference_inception_crop": {"augment.style": "reference", "augment.crop": "inception"},
+    "reference_torchvision_color": {"augment.style": "reference", "augment.color": "torchvision"},
+    "reference_bilinear_resize": {"augment.style": "reference", "augment.resize": "bilinear"},
 }
 STYLE_VARIANT = {"reference": "reference_style", "torchvision": "torchvision_style"}
 PRETRAINED = tuple(ABLATIONS)
 VARIANTS = ("byol", "random", *PRETRAINED[1:])
 MODES = {
     "compare": ("byol", "random", "no_predictor"),  # the ~20-minute run
-    "ablations": VARIANTS,                           # every ablation too (<= 60 minutes)
+    # The paper's ablations and the other views (<= 60 minutes).
+    "ablations": ("byol", "random", "no_predictor", "tau_one", "tau_zero", "no_head_bn",
+                  "gn_ws_no_head_bn", "reference_style", "torchvision_style"),
+    # Which part of the reference's views costs the most in a short run (~25 minutes).
+    "views": ("byol", "reference_inception_crop", "reference_torchvision_color",
+              "reference_bilinear_resize", "torchvision_style"),
 }
 
 # Pretraining budget and read-out sizes. "full" is the ~20-minute compare run and
@@ -109,19 +123,20 @@ BUDGETS = {
     # Eight pretraining runs: 400 steps each, on the reference's views.
     "ablations": dict(_NETWORK, **_READOUT, steps=400, warmup_steps=40, augment_style="reference"),
 }
-DEFAULT_BUDGET = {"compare": "full", "ablations": "ablations"}
+DEFAULT_BUDGET = {"compare": "full", "ablations": "ablations", "views": "ablations"}
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--budget", default=None, choices=sorted(BUDGETS),
-                      help="default: full for --mode=compare, ablations for --mode=ablations")
+                      help="default: full for --mode=compare, ablations otherwise")
   parser.add_argument("--data", default=DEFAULT_ZIP, help="CIFAR-10 zip (train/ and test/)")
   parser.add_argument("--mode", default="compare", choices=sorted(MODES),
                       help="compare: BYOL, random init, no predictor; ablations: also tau = 1, "
                       "tau = 0, heads without BatchNorm, no batch statistics at all, and "
-                      "torchvision-style views")
+                      "torchvision-style views; views: the reference's views with one part "
+                      "swapped for torchvision's")
   parser.add_argument("--variants", default=None,
                       help=f"comma-separated subset of {','.join(VARIANTS)} (default: the mode's)")
   parser.add_argument("--workdir", default=None, help="keep the pretraining runs here "

@@ -127,10 +127,9 @@ def max_pool_3x3_s2(x, padding: str):
 
   Its gradient is elementwise selects, where `lax.reduce_window`'s is a
   select-and-scatter, slower on XLA:CPU (1.2x alone, 3% of ResNet-50's step;
-  `benchmarks/bench_ops.py`).
-  Same values; the gradient differs only where two inputs of a window tie
-  exactly, which it splits instead of giving to the first (after a ReLU, ties
-  at zero get no gradient either way).
+  `benchmarks/bench_ops.py`). Same values; the gradient differs only where two
+  inputs of a window tie exactly, which it splits instead of giving to the
+  first (after a ReLU, ties at zero get no gradient either way).
   """
   # Output ceil(n / 2) either way. torchvision pads one pixel each side; "SAME"
   # (Haiku) pads the odd pixel after, so an even side gets none before.

@@ -235,9 +235,9 @@ def test_cpu_budget_quality_ablation_configs():
   bench = _load("cpu_budget_quality")
   _, settings, variants = bench.parse_args(["--mode=ablations"])
   assert settings["augment_style"] == "reference"
-  assert set(variants) == set(bench.VARIANTS) - {"reference_style"}  # the budget's own views
+  assert set(variants) == set(bench.MODES["ablations"]) - {"reference_style"}  # the budget's
   _, settings, variants = bench.parse_args(["--mode=ablations", "--augment_style=torchvision"])
-  assert set(variants) == set(bench.VARIANTS) - {"torchvision_style"}
+  assert set(variants) == set(bench.MODES["ablations"]) - {"torchvision_style"}
   config = bench.make_config(settings, "unused.zip", 0, "reference_style")
   assert config.augment.style == "reference"
   assert bench.make_config(settings, "unused.zip", 0, "byol").augment.style == "torchvision"
@@ -249,6 +249,22 @@ def test_cpu_budget_quality_ablation_configs():
   assert config.model.norm == "group_ws" and config.model.head_norm is False
   config = bench.make_config(bench.BUDGETS["tiny"], "unused.zip", 0, "torchvision_style")
   assert config.augment.style == "torchvision"
+
+
+def test_cpu_budget_quality_views_mode_swaps_one_part_of_the_reference_views():
+  from byol_jax.configs import base  # pylint: disable=g-import-not-at-top
+  bench = _load("cpu_budget_quality")
+  _, settings, variants = bench.parse_args(["--mode=views"])
+  assert settings["augment_style"] == "reference" and settings["steps"] == 400
+  reference = base.AUGMENT_STYLES["reference"]
+  swapped = {}
+  for variant in variants:
+    parts = base.resolve_augment(bench.make_config(settings, "unused.zip", 0, variant).augment)
+    swapped[variant] = {k for k in parts if parts[k] != reference[k]}
+  assert swapped == {"byol": set(), "reference_inception_crop": {"crop"},
+                     "reference_torchvision_color": {"color"},
+                     "reference_bilinear_resize": {"resize"},
+                     "torchvision_style": {"crop", "color", "resize"}}
 
 
 def test_cpu_budget_quality_rejects_unknown_variants():
