@@ -25,7 +25,6 @@ both views, jitted). Compare with
 
 import argparse
 import importlib
-import json
 import os
 import resource
 import shutil
@@ -119,7 +118,8 @@ def main(argv=None):
   fig["cpu_count"] = os.cpu_count()
   fig["load_average_1min_start"] = os.getloadavg()[0]
 
-  state = jax.pmap(experiment._make_initial_state, axis_name="i")(keys, inputs)  # pylint: disable=protected-access
+  init = experiment._make_initial_state  # pylint: disable=protected-access
+  state = jax.pmap(init, axis_name="i")(keys, inputs)
   step = np.zeros((n,), np.int32)
   start = time.perf_counter()
   compiled = experiment.update_pmap.lower(state, step, keys, inputs).compile()
@@ -152,10 +152,7 @@ def main(argv=None):
   fig["augment_share_of_step"] = augment_s / step_s
   fig["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   fig["load_average_1min_end"] = os.getloadavg()[0]
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(fig), f, indent=2)
-  return dict(fig)
+  return fig.write(args.json)
 
 
 if __name__ == "__main__":

@@ -245,6 +245,13 @@ class Figures(dict):
     text = f"{value:.4g}" if isinstance(value, float) else str(value)
     print(f"{key:<40}  {text}", flush=True)
 
+  def write(self, path) -> dict:
+    """Writes the figures as JSON to `path` (if given); returns them as a plain dict."""
+    if path:
+      with open(path, "w") as f:
+        json.dump(dict(self), f, indent=2)
+    return dict(self)
+
 
 def configure(args):
   """The named config with the command line's overrides, finalised for a synthetic run."""
@@ -432,10 +439,7 @@ def main(argv=None):
   fig["train_fraction_of_matmul_peak_per_cpu_s"] = (step_flops / step_cpu_s) / peak_per_cpu_s
   fig["peak_host_memory_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   fig["load_average_1min_end"] = os.getloadavg()[0]
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(fig), f, indent=2)
-  return dict(fig)
+  return fig.write(args.json)
 
 
 if __name__ == "__main__":

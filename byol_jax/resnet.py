@@ -115,11 +115,16 @@ class Conv2D(hk.Conv2D):
       var = jnp.var(w, axis=(0, 1, 2), keepdims=True)
       w = (w - mean) * jax.lax.rsqrt(var + WS_EPS)
     if self.kernel_shape == (1, 1):  # no padding at any stride, "SAME" or torchvision's
-      sh, sw = self.stride
-      return jnp.einsum("nhwc,cd->nhwd", inputs[:, ::sh, ::sw], w[0, 0])
+      return pointwise_conv(inputs, w, self.stride)
     return jax.lax.conv_general_dilated(
         inputs, w, window_strides=self.stride, padding=self.padding,
         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def pointwise_conv(x, w, stride):
+  """A 1x1 convolution (NHWC input, HWIO kernel, no padding) as a matmul over channels."""
+  sh, sw = stride
+  return jnp.einsum("nhwc,cd->nhwd", x[:, ::sh, ::sw], w[0, 0])
 
 
 def max_pool_3x3_s2(x, padding: str):
