@@ -177,10 +177,14 @@ class ByolExperiment:
 }
 
 
-def test_bench_reference_step_runs_a_reference_step_and_prints_figures(tmp_path):
+def _write_stand_in(folder):
   for name, text in _STAND_IN.items():
-    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-    (tmp_path / name).write_text(text)
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text)
+
+
+def test_bench_reference_step_runs_a_reference_step_and_prints_figures(tmp_path):
+  _write_stand_in(tmp_path)
   path = tmp_path / "ref.json"
   stdout = _run("bench_reference_step.py", f"--reference_dir={tmp_path}", "--batch_size=4",
                 "--image_size=8", "--steps=2", f"--json={path}", host_devices=2)
@@ -191,6 +195,15 @@ def test_bench_reference_step_runs_a_reference_step_and_prints_figures(tmp_path)
     assert _positive(figures[key]), (key, figures[key])
     assert re.search(rf"^{key}\s+\S+$", stdout, re.M), key
   assert figures["train_images_per_s"] == pytest.approx(4 / figures["train_step_s"])
+
+
+def test_bench_reference_step_names_a_batch_that_does_not_split(tmp_path):
+  _write_stand_in(tmp_path)
+  result = subprocess.run([sys.executable, os.path.join(BENCH, "bench_reference_step.py"),
+                           f"--reference_dir={tmp_path}", "--batch_size=3"], capture_output=True,
+                          text=True, timeout=300, cwd=REPO, env=_env(host_devices=2))
+  assert result.returncode != 0
+  assert "--batch_size=3 does not split over 2 devices" in result.stderr
 
 
 def test_bench_reference_step_names_a_wrong_reference_dir(tmp_path):
