@@ -1,12 +1,13 @@
 # One-liners that set themselves up: `make demo` and `make test` create .venv on first use.
-# The demo installs requirements.txt only; the tests add requirements-dev.txt (pytest, torch).
+# The demo installs requirements.txt only; the tests add requirements-dev.txt (pytest, torch,
+# ruff and import-linter for `make lint`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 DEMO := $(PY) -m byol_jax.main --config=demo --workdir=$(WORKDIR)
 
-.PHONY: demo test bench clean
+.PHONY: demo lint test clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +29,12 @@ demo: $(VENV)/installed-demo
 	$(DEMO) --job=export
 	$(DEMO) --job=compare
 
-test: $(VENV)/installed-test
+# ruff for real defects, import-linter for the layers (both configured in pyproject.toml).
+lint: $(VENV)/installed-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest tests -q -ra --durations=15
 
 clean:

@@ -17,7 +17,7 @@ the exact call, the carried wheels and data, and how to build them):
    network at its random initialisation;
 4. if a minute is left: `bench_ops.py` on this device (ResNet-50's 1x1 convs as
    XLA convolutions vs as matmuls, the stem max-pool two ways), which checks
-   the choices `resnet.py` made from CPU measurements.
+   the choices `model/resnet.py` made from CPU measurements.
 
 Everything goes to $OUT/accelerator_run.json (rewritten after every stage, so a
 late failure keeps the earlier figures; a failed stage is recorded and the
@@ -136,7 +136,9 @@ def build(config, mesh):
   """(nets, a fresh initial state, jitted update) of a config."""
   import jax  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from byol_jax import device_augment, networks, optim, parallel, train_step
+  from byol_jax.model import networks
+  from byol_jax.train import optim, parallel, train_step
+  from byol_jax.views import device_augment
   key = config.to_json()
   if key not in _BUILT:
     nets = networks.make_networks(config.model, config.data.num_classes)
@@ -168,7 +170,7 @@ def measure_step(config, mesh, input_kind: str, peak_flops: float, seconds: floa
   input "arrays"); returns its figures."""
   import jax  # pylint: disable=g-import-not-at-top
   import bench_step  # pylint: disable=g-import-not-at-top
-  from byol_jax import device_augment  # pylint: disable=g-import-not-at-top
+  from byol_jax.views import device_augment  # pylint: disable=g-import-not-at-top
   size, b = config.data.image_size, config.batch_size
   _, state, update = build(config, mesh)
   batch = bench_step.synthetic_batch(config, mesh, input_kind, source_size)
@@ -221,7 +223,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 # ----------------------------------------------------------------------------
 
 def pretrain_config(data: str, steps: int, tiny: bool, dtype: str = "float32"):
-  from byol_jax import config_lib, datasets  # pylint: disable=g-import-not-at-top
+  from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from byol_jax.data import datasets
   config = config_lib.load("demo" if tiny else "resnet18_cifar10")
   config.data.update(dict(source="npz", path=data, train_split="train", test_split="test",
                           val_split="test"))
@@ -240,7 +243,8 @@ def pretrain_config(data: str, steps: int, tiny: bool, dtype: str = "float32"):
 
 def knn(config, embed, state, mesh) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import evaluation, input_pipeline  # pylint: disable=g-import-not-at-top
+  from byol_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from byol_jax.evaluate import evaluation
   kwargs = dict(batch_size=config.eval.batch_size, process_index=jax.process_index(),
                 process_count=jax.process_count())
   return evaluation.evaluate(
@@ -255,7 +259,8 @@ def pretrain(args, mesh, step_s: float, seconds: float) -> dict:
   """Pretrains for about `seconds` (its step count planned from `step_s`); kNN before/after."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from byol_jax import input_pipeline, parallel, train_step  # pylint: disable=g-import-not-at-top
+  from byol_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel, train_step
   # The step cases run in bf16; a float32 step is assumed twice as slow.
   slowdown = 2.0 if args.pretrain_dtype == "float32" else 1.0
   steps = TINY_STEPS if args.tiny else max(50, int(seconds / (step_s * slowdown)))
@@ -313,7 +318,7 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import bench_step  # pylint: disable=g-import-not-at-top
-  from byol_jax import parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
   report = Report(args.out)
   mesh = parallel.make_mesh(jax.devices()[:1])
   report.stage("device", dict(
@@ -351,7 +356,7 @@ def main(argv=None):
 def run_cases(args, mesh, peak: float, report: Report) -> dict:
   """Measures every step case; a failed case is recorded and the others still run."""
   if args.tiny:
-    from byol_jax import datasets  # pylint: disable=g-import-not-at-top
+    from byol_jax.data import datasets  # pylint: disable=g-import-not-at-top
     config = pretrain_config(args.data, TINY_STEPS, True, args.pretrain_dtype)
     side = datasets.load_source(config, "train").images.shape[1]  # as the pretraining's
     figures = measure_step(config, mesh, "arrays", peak, 0.05, source_size=side)

@@ -33,8 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from byol_jax import device_augment as da  # noqa: E402
 from byol_jax.configs import base  # noqa: E402
+from byol_jax.views import device_augment as da  # noqa: E402
 
 
 def _pix():

@@ -37,8 +37,10 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from byol_jax import device_augment, input_pipeline, tf_import  # noqa: E402
+from byol_jax import tf_import  # noqa: E402
 from byol_jax.configs import base  # noqa: E402
+from byol_jax.data import input_pipeline  # noqa: E402
+from byol_jax.views import device_augment  # noqa: E402
 
 DEFAULT_ZIP = os.path.join(os.path.dirname(REPO), "shared", "data", "cifar10", "cifar10_jpeg.zip")
 

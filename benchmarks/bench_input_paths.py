@@ -50,7 +50,7 @@ def make_data(size: int, num_images: int, folder: str):
   """The first demo images at `size` px: (zip of JPEGs, .npz of uint8 arrays)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  from byol_jax import datasets  # pylint: disable=g-import-not-at-top
+  from byol_jax.data import datasets  # pylint: disable=g-import-not-at-top
   with zipfile.ZipFile(datasets.DEMO_ASSET) as demo:
     names = sorted(n for n in demo.namelist() if n.startswith("train/") and n.endswith(".jpg"))
     names = names[:: max(1, len(names) // num_images)][:num_images]  # every class
@@ -93,7 +93,9 @@ def measure(args, size: int, path: str, data: str) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import bench_step  # pylint: disable=g-import-not-at-top
   # pylint: disable-next=g-import-not-at-top
-  from byol_jax import input_pipeline, networks, optim, parallel, train_step
+  from byol_jax.data import input_pipeline
+  from byol_jax.model import networks
+  from byol_jax.train import optim, parallel, train_step
   config = path_config(args, size, path, data)
   mesh = parallel.make_mesh(jax.devices()[:1])
   batches = input_pipeline.pretrain_batches(config, start_step=0, process_index=0,

@@ -1,6 +1,6 @@
 r"""Two ways to run each of two encoder ops, forward + backward, on this machine's backend.
 
-`byol_jax/resnet.py` runs every 1x1 convolution as a matmul over channels and
+`byol_jax/model/resnet.py` runs every 1x1 convolution as a matmul over channels and
 the stem's 3x3 stride-2 max-pool as the maximum of nine strided slices. This
 times both choices against XLA's own ops (`lax.conv_general_dilated`,
 `lax.reduce_window`) at the shapes of the named ResNet, so the choice can be
@@ -46,7 +46,7 @@ def parse_args(argv):
 
 def pointwise_convs(args) -> collections.Counter:
   """(input side, in channels, out channels, stride) -> count, over the network's 1x1 convs."""
-  from byol_jax import resnet  # pylint: disable=g-import-not-at-top
+  from byol_jax.model import resnet  # pylint: disable=g-import-not-at-top
   side = args.image_size // 4 if args.stem == "imagenet" else args.image_size
   found = collections.Counter()
   for spec in resnet.layout(args.depth, args.width, args.base_channels):
@@ -74,7 +74,7 @@ def main(argv=None):
   args = parse_args(argv)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from byol_jax import resnet  # pylint: disable=g-import-not-at-top
+  from byol_jax.model import resnet  # pylint: disable=g-import-not-at-top
 
   fig = bench_step.Figures()
   fig["device_kind"] = jax.devices()[0].device_kind

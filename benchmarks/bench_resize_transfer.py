@@ -29,8 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from byol_jax import host_augment  # noqa: E402
 from byol_jax.tf_import import import_tensorflow  # noqa: E402
+from byol_jax.views import host_augment  # noqa: E402
 
 DTYPES = ("float32", "float16", "bfloat16", "uint8")
 BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "uint8": 1}

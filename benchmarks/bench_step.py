@@ -152,7 +152,6 @@ def xla_memory_mib(compiled) -> dict:
 
 def _sub_jaxprs(eqn):
   """(jaxpr, multiplicity) of the programs nested in an equation (jit, scan, remat, ...)."""
-  import jax  # pylint: disable=g-import-not-at-top
   from jax.extend import core  # pylint: disable=g-import-not-at-top (not imported by `import jax`)
   found = []
   for name, value in eqn.params.items():
@@ -192,7 +191,7 @@ def forward_flops_per_image(nets, params, state, size: int) -> dict:
   """Conv + matmul FLOPs of one image through the encoder and the online network."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from byol_jax import networks  # pylint: disable=g-import-not-at-top
+  from byol_jax.model import networks  # pylint: disable=g-import-not-at-top
   image = jnp.zeros((1, size, size, 3), jnp.float32)
   enc_params, enc_state = networks.encoder_subset(params), networks.encoder_subset(state)
   enc = jax.make_jaxpr(lambda x: nets.encoder.apply(enc_params, enc_state, x, False))(image)
@@ -274,8 +273,9 @@ def synthetic_batch(config, mesh, input_kind: str, source_size=None, seed: int =
   """A random global batch as the pipeline would ship it: host views (in the
   host path's dtype) or raw uint8 images with crop seeds."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from byol_jax import host_augment, parallel  # pylint: disable=g-import-not-at-top
-  from byol_jax.configs import base  # pylint: disable=g-import-not-at-top
+  from byol_jax.configs import base  # pylint: disable=g-import-not-at-top  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel
+  from byol_jax.views import host_augment
   rng = np.random.default_rng(seed)
   b, size = config.batch_size, config.data.image_size
   batch = {"label": rng.integers(0, 10, (b,), np.int32)}
@@ -294,7 +294,7 @@ def synthetic_batch(config, mesh, input_kind: str, source_size=None, seed: int =
 def make_augment(config, enabled: bool = True):
   """The step's colour-op function, or a plain cast to float [0, 1] when disabled."""
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from byol_jax import device_augment  # pylint: disable=g-import-not-at-top
+  from byol_jax.views import device_augment  # pylint: disable=g-import-not-at-top
   if enabled:
     return device_augment.make_augment_fn(config)
 
@@ -310,7 +310,8 @@ def make_augment(config, enabled: bool = True):
 def augment_timers(config, mesh, augment):
   """Jitted (crop, colour) functions of a batch, as the step runs them, for timing alone."""
   import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import device_crop, parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.views import device_crop
   data, repl = parallel.batch_sharded(mesh), parallel.replicated(mesh)
 
   def crop(batch):
@@ -330,7 +331,8 @@ def main(argv=None):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from byol_jax import networks, optim, parallel, train_step  # pylint: disable=g-import-not-at-top
+  from byol_jax.model import networks  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import optim, parallel, train_step
 
   config = configure(args)
   if len(jax.devices()) < args.devices:

@@ -35,7 +35,7 @@ recipe and budget with one change (`ABLATIONS` below):
 for torchvision's (`augment.crop=inception`, `augment.color=torchvision`,
 `augment.resize=bilinear`), beside both whole styles, on the ablation budget.
 
-The read-out is `byol_jax.readout` (shared with the demo's `--job=compare`) on
+The read-out is `byol_jax.evaluate.readout` (shared with the demo's `--job=compare`) on
 frozen `embedding` features of centre-cropped images, computed once per
 encoder: kNN (cosine, k=200, T=0.1, as in the recipe) and a cheap linear probe
 (NOT the paper's protocol: softmax regression on standardised features, L2
@@ -212,7 +212,7 @@ def make_config(settings, data: str, seed: int, variant: str):
 
 def read_out(name, nets, params, state, config, settings, mesh):
   """`readout.read_out` on train[:N] / test[:M], printed as one line."""
-  from byol_jax import readout  # pylint: disable=g-import-not-at-top
+  from byol_jax.evaluate import readout  # pylint: disable=g-import-not-at-top
   result = readout.read_out(
       config, nets, params, state, mesh, train_split=f"train[:{settings['train_examples']}]",
       test_split=f"test[:{settings['test_examples']}]", batch_size=settings["eval_batch"],
@@ -229,8 +229,9 @@ def read_out(name, nets, params, state, config, settings, mesh):
 
 def pretrain_variant(variant, settings, args, root, mesh, report):
   """Pretrains one variant through the runner and reads its encoder out."""
-  from byol_jax import checkpoint, jobs  # pylint: disable=g-import-not-at-top
+  from byol_jax import jobs  # pylint: disable=g-import-not-at-top
   from byol_jax.main import PREEMPTED_EXIT_CODE  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import checkpoint
   config = make_config(settings, args.data, args.seed, variant)
   workdir = os.path.join(root, variant)
   start = time.perf_counter()
@@ -252,9 +253,10 @@ def pretrain_variant(variant, settings, args, root, mesh, report):
 
 def random_variants(settings, args, mesh, report):
   """The random-init baseline (BN statistics re-estimated) and the unusable initial state."""
-  from byol_jax import readout  # pylint: disable=g-import-not-at-top
+  from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from byol_jax.evaluate import readout
   start = time.perf_counter()
-  config = make_config(settings, args.data, args.seed, "byol")
+  config = config_lib.prepare(make_config(settings, args.data, args.seed, "byol"), mesh)
   init_config, nets, params, state = readout.initial_network(config, mesh)
   report["results"]["random_init_state"] = read_out("random_init_state", nets, params, state,
                                                     init_config, settings, mesh)
@@ -277,7 +279,7 @@ def gaps(results) -> dict:
 
 
 def print_summary(report, settings):
-  from byol_jax import readout  # pylint: disable=g-import-not-at-top
+  from byol_jax.evaluate import readout  # pylint: disable=g-import-not-at-top
   print("\n== CPU-budget learning quality "
         f"(ResNet-18 base_channels {settings['base_channels']}, {settings['image_size']} px, "
         f"{settings['steps']} steps x batch {settings['batch_size']})")
@@ -297,7 +299,8 @@ def run(argv=None) -> dict:
   if not os.path.exists(args.data):
     raise SystemExit(f"{args.data} not found: pass --data or set BYOL_SHARED_DATA.")
   import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import parallel, readout  # pylint: disable=g-import-not-at-top
+  from byol_jax.evaluate import readout  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel
 
   t0 = time.perf_counter()
   report = {

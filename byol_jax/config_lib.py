@@ -17,8 +17,9 @@ from typing import List, Sequence, Tuple
 
 import ml_collections
 
-from byol_jax import datasets, parallel
+from byol_jax.data import datasets
 from byol_jax.errors import ConfigError
+from byol_jax.train import parallel
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 _NOT_CONFIGS = {"__init__", "base"}

@@ -51,7 +51,7 @@ def _main(argv):
                              "and exports (e.g. --workdir=runs/demo).")
   # Libraries (orbax above all) log every save at INFO; keep their warnings, drop the rest.
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
-  from byol_jax import parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   result = jobs.run(_JOB.value, flags.FLAGS.config, _WORKDIR.value,
                     allow_changed_resume=_ALLOW_CHANGED_RESUME.value)

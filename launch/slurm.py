@@ -34,7 +34,7 @@ TEMPLATE = pathlib.Path(__file__).resolve().parent / "slurm_gpu.sbatch.template"
 
 PER_GPU_NOTE = (
     "# One process per GPU: SLURM binds each task to its GPU (--gpus-per-task=1), which\n"
-    "# the task sees as device 0. byol_jax.parallel tells JAX so; JAX's SLURM default\n"
+    "# the task sees as device 0. byol_jax.train.parallel tells JAX so; JAX's SLURM default\n"
     "# (device number SLURM_LOCALID) names a GPU the task cannot see.")
 PER_NODE_NOTE = (
     "# One process per node: it drives every GPU of its node. JAX's SLURM default\n"

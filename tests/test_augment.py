@@ -12,8 +12,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from byol_jax import device_augment, host_augment, tf_import
+from byol_jax import tf_import
 from byol_jax.configs import base
+from byol_jax.views import device_augment, host_augment
 
 N_DRAWS = 4000
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import checkpoint
 from byol_jax.errors import ConfigError
+from byol_jax.train import checkpoint
 
 
 def _state(value):
@@ -169,7 +169,8 @@ def test_checkpoint_from_another_architecture_is_refused(tmp_path):
 
 
 def _tiny_train_state():
-  from byol_jax import networks, optim, parallel, train_step  # pylint: disable=g-import-not-at-top
+  from byol_jax.model import networks  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import optim, parallel, train_step
   from tests import tiny  # pylint: disable=g-import-not-at-top
   config = tiny.tiny_config()
   mesh = parallel.make_mesh(jax.devices()[:1])

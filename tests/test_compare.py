@@ -7,7 +7,8 @@ import os
 import numpy as np
 import pytest
 
-from byol_jax import evaluation, jobs, readout
+from byol_jax import config_lib, jobs
+from byol_jax.evaluate import evaluation, readout
 from byol_jax.jobs import compare
 from tests.test_main import tiny_config
 
@@ -48,9 +49,9 @@ def test_writes_results_and_lists_the_files(compared):
 def test_random_baseline_reestimates_bn_statistics_only():
   """Same weights as BYOL's starting point; BN averages move off Haiku's initial zeros."""
   import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
-  config = tiny_config(**{"eval.batch_size": 128})
+  config = config_lib.prepare(tiny_config(**{"eval.batch_size": 128}), mesh)
   _, _, params0, initial = readout.initial_network(config, mesh)
   config, nets, params, state = readout.random_baseline(config, mesh, bn_split="train[:256]",
                                                         batch_size=128)

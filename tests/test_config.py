@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
-from byol_jax import config_lib, optim, resnet
+from byol_jax import config_lib
 from byol_jax.configs import base, resnet50_imagenet
+from byol_jax.model import resnet
+from byol_jax.train import optim
 
 REQUIRED = {"resnet50_imagenet", "resnet200x2_imagenet", "resnet50_imagenet_gn_ws",
             "resnet18_cifar10", "resnet18_stl10", "resnet18_imagenette", "custom_folder", "demo"}

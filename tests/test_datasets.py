@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import datasets, host_augment, input_pipeline, tf_import, tfds_source
+from byol_jax import tf_import
 from byol_jax.configs import base
+from byol_jax.data import datasets, input_pipeline, sources, tfds_source
+from byol_jax.views import host_augment
 
 
 def make_config(source="folder", path=None, size=16, **data):
@@ -126,7 +128,7 @@ def test_zip_matches_directory(class_tree, tmp_path):
 
 
 def test_missing_split_folder_is_a_clear_error(class_tree):
-  with pytest.raises(datasets.DataSourceError, match=r"split folders \['test', 'train'\].*"
+  with pytest.raises(sources.DataSourceError, match=r"split folders \['test', 'train'\].*"
                      r"'validation'"):
     datasets.load_source(make_config(path=class_tree), "validation")
 
@@ -219,32 +221,32 @@ def test_skipping_without_start_up_verification(odd_tree):
 
 
 def test_missing_path_and_empty_folder_errors(tmp_path):
-  with pytest.raises(datasets.DataSourceError, match="does not exist"):
+  with pytest.raises(sources.DataSourceError, match="does not exist"):
     datasets.load_source(make_config(path=tmp_path / "nope"), "train")
   write(tmp_path, "notes.txt", b"hello")
   write(tmp_path, "other.zip", b"PK")
-  with pytest.raises(datasets.DataSourceError, match=r"No images found.*other\.zip"):
+  with pytest.raises(sources.DataSourceError, match=r"No images found.*other\.zip"):
     datasets.load_source(make_config(path=tmp_path), "train")
-  with pytest.raises(datasets.DataSourceError, match="needs data.path"):
+  with pytest.raises(sources.DataSourceError, match="needs data.path"):
     datasets.load_source(make_config(path=None), "train")
-  with pytest.raises(datasets.DataSourceError, match="Unknown data.source"):
+  with pytest.raises(sources.DataSourceError, match="Unknown data.source"):
     datasets.load_source(make_config(source="s3"), "train")
   write(tmp_path, "fake.zip", b"not a zip")
-  with pytest.raises(datasets.DataSourceError, match="not a zip"):
+  with pytest.raises(sources.DataSourceError, match="not a zip"):
     datasets.load_source(make_config(path=tmp_path / "fake.zip"), "train")
 
 
 def test_empty_slice_is_a_clear_error(class_tree):
-  with pytest.raises(datasets.DataSourceError, match="selects no images"):
+  with pytest.raises(sources.DataSourceError, match="selects no images"):
     datasets.load_source(make_config(path=class_tree), "train[100:]")
 
 
 def test_parse_split():
-  assert datasets.parse_split("train") == ("train", None, None)
-  assert datasets.parse_split("train[10000:]") == ("train", "10000", "")
-  assert datasets.parse_split("train[:10%]") == ("train", "", "10%")
-  with pytest.raises(datasets.DataSourceError, match="Cannot parse"):
-    datasets.parse_split("train[5]")
+  assert sources.parse_split("train") == ("train", None, None)
+  assert sources.parse_split("train[10000:]") == ("train", "10000", "")
+  assert sources.parse_split("train[:10%]") == ("train", "", "10%")
+  with pytest.raises(sources.DataSourceError, match="Cannot parse"):
+    sources.parse_split("train[5]")
 
 
 # ---------------------------------------------------------------------------
@@ -336,7 +338,7 @@ def test_tfds_source_decoded_for_the_device_crop(tfds, tmp_path):
     batch = next(input_pipeline.pretrain_batches(cfg, start_step=0, process_index=0,
                                                  process_count=1))
   tfds_source.tfds_source.cache_clear()
-  assert isinstance(source, datasets.ArraySource) and source.images.shape == (20, 32, 32, 3)
+  assert isinstance(source, sources.ArraySource) and source.images.shape == (20, 32, 32, 3)
   assert set(batch) == {"image", "crop_seed", "label"} and batch["image"].shape == (8, 32, 32, 3)
 
 
@@ -354,14 +356,14 @@ def test_tfds_mock_random_size_images(tfds, tmp_path):
 def test_tfds_not_prepared_errors_say_how_to_prepare(tfds, tmp_path):
   tfds_source.tfds_source.cache_clear()
   with time_limit(120):
-    with pytest.raises(datasets.DataSourceError, match=r"not available offline.*tfds build cifar10"):
+    with pytest.raises(sources.DataSourceError, match=r"not available offline.*tfds build cifar10"):
       datasets.dataset_info(make_config(source="tfds", name="cifar10", data_dir=str(tmp_path)),
                             "train")
-    with pytest.raises(datasets.DataSourceError,
+    with pytest.raises(sources.DataSourceError,
                        match=r"manual download.*ILSVRC2012_img_train\.tar.*downloads/manual"):
       datasets.dataset_info(make_config(source="tfds", name="imagenet2012",
                                         data_dir=str(tmp_path)), "train")
-    with pytest.raises(datasets.DataSourceError, match="does not know the dataset"):
+    with pytest.raises(sources.DataSourceError, match="does not know the dataset"):
       datasets.dataset_info(make_config(source="tfds", name="no_such_dataset_xyz",
                                         data_dir=str(tmp_path)), "train")
 
@@ -378,7 +380,7 @@ def test_npz_splits_labels_and_slices(tmp_path):
            test_labels=np.full(7, 6))
   cfg = make_config(source="npz", path=path)
   a = datasets.load_source(cfg, "train")
-  assert isinstance(a, datasets.ArraySource) and a.images.shape == (20, 6, 5, 3)
+  assert isinstance(a, sources.ArraySource) and a.images.shape == (20, 6, 5, 3)
   np.testing.assert_array_equal(a.images, train)
   assert a.num_classes == 7  # over every split's labels, so train and test agree
   assert datasets.dataset_info(cfg, "test") == (7, 7)
@@ -386,7 +388,7 @@ def test_npz_splits_labels_and_slices(tmp_path):
   assert head.num_examples == 5 and tail.num_examples == 15
   together = np.concatenate([head.images, tail.images]).reshape(20, -1)
   assert len({row.tobytes() for row in together}) == 20  # disjoint, and they cover
-  with pytest.raises(datasets.DataSourceError, match=r"no 'val_images'.*\['test', 'train'\]"):
+  with pytest.raises(sources.DataSourceError, match=r"no 'val_images'.*\['test', 'train'\]"):
     datasets.load_source(cfg, "val")
 
 
@@ -397,15 +399,15 @@ def test_npz_shared_images_and_errors(tmp_path):
   assert source.num_examples == 4 and (source.labels == -1).all() and source.num_classes == 0
   bad = tmp_path / "bad.npz"
   np.savez(bad, images=np.zeros((4, 3, 3), np.float32))
-  with pytest.raises(datasets.DataSourceError, match=r"float32 \[4, 3, 3\].*uint8 \[N, H, W, 3\]"):
+  with pytest.raises(sources.DataSourceError, match=r"float32 \[4, 3, 3\].*uint8 \[N, H, W, 3\]"):
     datasets.load_source(make_config(source="npz", path=bad), "train")
   pairs = tmp_path / "pairs.npz"
   np.savez(pairs, images=np.zeros((4, 3, 3, 3), np.uint8), labels=np.zeros(3))
-  with pytest.raises(datasets.DataSourceError, match="3 labels for 4 images"):
+  with pytest.raises(sources.DataSourceError, match="3 labels for 4 images"):
     datasets.load_source(make_config(source="npz", path=pairs), "train")
-  with pytest.raises(datasets.DataSourceError, match="is not a file"):
+  with pytest.raises(sources.DataSourceError, match="is not a file"):
     datasets.load_source(make_config(source="npz", path=tmp_path / "none.npz"), "train")
-  with pytest.raises(datasets.DataSourceError, match="needs data.path"):
+  with pytest.raises(sources.DataSourceError, match="needs data.path"):
     datasets.load_source(make_config(source="npz"), "train")
 
 
@@ -413,14 +415,14 @@ def test_crop_on_choices():
   cfg = make_config(source="npz")
   assert datasets.crop_on_device(cfg)
   cfg.augment.crop_on = "host"
-  with pytest.raises(datasets.DataSourceError, match="npz.*crop_on=auto or device"):
+  with pytest.raises(sources.DataSourceError, match="npz.*crop_on=auto or device"):
     datasets.crop_on_device(cfg)
   folder = make_config(source="folder")
   assert not datasets.crop_on_device(folder)  # TensorFlow is installed here
   folder.augment.crop_on = "device"
   assert datasets.crop_on_device(folder)
   folder.augment.crop_on = "gpu"
-  with pytest.raises(datasets.DataSourceError, match="crop_on must be one of auto, host, device"):
+  with pytest.raises(sources.DataSourceError, match="crop_on must be one of auto, host, device"):
     datasets.crop_on_device(folder)
 
 
@@ -428,7 +430,7 @@ def test_demo_decoded_for_the_device_matches_the_host_pipeline():
   cfg = make_config(source="demo", size=32)
   cfg.augment.crop_on = "device"
   arrays = datasets.load_source(cfg, "test")
-  assert isinstance(arrays, datasets.ArraySource) and arrays.images.shape == (900, 32, 32, 3)
+  assert isinstance(arrays, sources.ArraySource) and arrays.images.shape == (900, 32, 32, 3)
   assert datasets.dataset_info(cfg, "train") == (3600, 10)
   folder = datasets.load_source(make_config(source="demo", size=32), "test")
   np.testing.assert_array_equal(arrays.labels, folder.labels)

@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from byol_jax import device_crop, host_augment, stream_index, tf_import
+from byol_jax import tf_import
 from byol_jax.configs import base
+from byol_jax.data import stream_index
+from byol_jax.views import device_crop, host_augment
 
 N = 5000  # windows per distribution comparison
 # Two samples of N draws from one distribution have a KS distance under this with

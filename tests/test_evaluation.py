@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from byol_jax import evaluation
+from byol_jax.evaluate import evaluation
 
 
 def test_knn_on_separable_clusters_and_on_noise():

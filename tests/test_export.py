@@ -2,7 +2,7 @@
 
 Each case builds the online network, runs a few training-mode forwards so the
 BatchNorm moving statistics are far from their initial values, exports, loads
-the export into `byol_jax.torch_resnet` (torchvision's module tree and names)
+the export into `byol_jax.interop.torch_resnet` (torchvision's module tree and names)
 with `strict=True`, and compares eval-mode embeddings on the same images
 (JAX normalises them itself; torch gets them normalised as the export's
 metadata says).
@@ -34,10 +34,11 @@ import pytest
 torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 
-from byol_jax import export, networks, resnet, torch_resnet  # noqa: E402
-from byol_jax import torchvision_export as tv  # noqa: E402
 from byol_jax.configs import base  # noqa: E402
-from byol_jax.networks import IMAGE_MEAN, IMAGE_STD  # noqa: E402
+from byol_jax.interop import export, torch_resnet  # noqa: E402
+from byol_jax.interop import torchvision_export as tv  # noqa: E402
+from byol_jax.model import networks, resnet  # noqa: E402
+from byol_jax.model.networks import IMAGE_MEAN, IMAGE_STD  # noqa: E402
 
 torch.set_num_threads(2)
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -420,6 +421,6 @@ def test_torch_side_agrees_with_resnet_without_importing_jax():
   assert set(torch_resnet.BLOCKS) == {kind for kind, _ in resnet.ARCHITECTURES.values()}
   with pytest.raises(ValueError, match=r"Unknown padding 'valid'"):
     torch_model(18, padding="valid")
-  code = ("import sys, byol_jax.torch_resnet as t; t.resnet('basic', (2, 2, 2, 2)); "
+  code = ("import sys, byol_jax.interop.torch_resnet as t; t.resnet('basic', (2, 2, 2, 2)); "
           "assert 'jax' not in sys.modules, 'torch_resnet imported jax'")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

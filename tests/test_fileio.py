@@ -6,7 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from byol_jax import export, fileio, reporting
+from byol_jax import fileio, reporting
+from byol_jax.interop import export
 
 
 @pytest.fixture(params=["local", "ram"])

@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from byol_jax import datasets, host_augment, input_pipeline, stream_index, tf_import
+from byol_jax import tf_import
 from byol_jax.configs import base
+from byol_jax.data import datasets, input_pipeline, sources, stream_index
+from byol_jax.views import host_augment
 
 NUM = 36          # examples: 4 classes of 9
 PER_CLASS = 9
@@ -210,12 +212,11 @@ def test_class_balanced_subset_function():
 # Streaming sources (TFDS too large for memory), with an in-memory stand-in.
 # ---------------------------------------------------------------------------
 
-class FakeStream(datasets.StreamingSource):
+class FakeStream(sources.StreamingSource):
   """StreamingSource over in-memory PNGs; sub-splits are "p/P" strided shares."""
 
   def __init__(self, num):
-    super().__init__(description="fake", builder=None, split="train", num_examples=num,
-                     num_classes=4)
+    super().__init__(description="fake", num_examples=num, num_classes=4)
     self.images = [colour_png(i) for i in range(num)]
 
   def process_split(self, process_index, process_count):
@@ -341,5 +342,5 @@ def test_array_eval_and_linear_batches_match_tf_data(tree, npz):
 def test_folder_on_the_device_needs_one_image_size(tree):
   cfg = make_config(tree)
   cfg.augment.crop_on = "device"
-  with pytest.raises(datasets.DataSourceError, match="images of 35 sizes.*crop_on=host"):
+  with pytest.raises(sources.DataSourceError, match="images of 35 sizes.*crop_on=host"):
     datasets.load_source(cfg, "train")

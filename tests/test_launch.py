@@ -1,6 +1,6 @@
 """The launchers' exact commands (dry runs), the local launcher's supervision of
 failing processes (with a stand-in for byol_jax.main), and how
-byol_jax.parallel joins a cluster under SLURM."""
+byol_jax.train.parallel joins a cluster under SLURM."""
 
 import importlib.util
 import os
@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from byol_jax import parallel
+from byol_jax.train import parallel
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -261,7 +261,7 @@ def test_slurm_one_process_per_gpu():
       "--gpus-per-task=1", "--cpus-per-task=8", "--time=24:00:00",
       "--output=/shared/logs/%x-%j.out", f"--chdir={REPO}", "--partition=gpu", "--exclusive"]
   assert srun_line(out) == ["srun", "--kill-on-bad-exit=1", "--cpus-per-task=8", *MAIN]
-  # Each task's one bound GPU is mapped to device 0 by byol_jax.parallel, not here.
+  # Each task's one bound GPU is mapped to device 0 by byol_jax.train.parallel, not here.
   assert "JAX_LOCAL_DEVICE_IDS" not in out.replace("# ", "")
   assert "\nmodule load cuda/12.4\n" in out
   assert out.rstrip().endswith("sbatch --parsable /shared/logs/byol_resnet50_imagenet.sbatch")
@@ -288,7 +288,7 @@ def test_slurm_script_is_valid_bash(tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# byol_jax.parallel under SLURM (what the rendered scripts rely on)
+# byol_jax.train.parallel under SLURM (what the rendered scripts rely on)
 # ----------------------------------------------------------------------------
 
 SRUN_ENV = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-004]",

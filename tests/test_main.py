@@ -21,7 +21,9 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from byol_jax import checkpoint, config_lib, input_pipeline, jobs, main, reporting
+from byol_jax import config_lib, jobs, main, reporting
+from byol_jax.data import input_pipeline
+from byol_jax.train import checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XLA_CACHE = os.path.join(tempfile.gettempdir(), "byol_jax_tests_xla_cache")

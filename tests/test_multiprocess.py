@@ -244,10 +244,11 @@ def test_killed_process_makes_the_other_exit_in_bounded_time(killed_and_resumed)
   assert how != "exited with status 0", first.tail()
   assert seconds <= DEAD_PEER_BOUND_S, f"process 0 needed {seconds} s to notice the dead peer"
   # The survivor's log says the peer is gone: the collective it was in lost its
-  # connection (Gloo), or JAX's coordination service missed the heartbeats.
+  # connection or got a message cut short by the kill (Gloo), or JAX's coordination
+  # service missed the heartbeats.
   survivor = "\n".join(line for line in first.lines if line.startswith("[p0]"))
-  assert re.search(r"Connection (reset|closed) by peer|another task died|stopped sending "
-                   r"heartbeats", survivor), first.tail()
+  assert re.search(r"Connection (reset|closed) by peer|Received data size doesn't match|"
+                   r"another task died|stopped sending heartbeats", survivor), first.tail()
 
 
 def test_rerun_resumes_from_the_last_checkpoint_and_finishes(killed_and_resumed, equal_runs):

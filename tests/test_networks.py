@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from byol_jax import networks, resnet
+from byol_jax.model import networks, resnet
 from tests import tiny
 
 KEY = jax.random.PRNGKey(0)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import objectives
+from byol_jax.model import objectives
 
 
 def _cos(a, b):

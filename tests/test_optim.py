@@ -6,7 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from byol_jax import networks, optim
+from byol_jax.model import networks
+from byol_jax.train import optim
 from tests import tiny
 
 # Schedule constants: peak = 0.4 * 512 / 256 = 0.8.

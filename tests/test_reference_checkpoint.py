@@ -26,11 +26,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from byol_jax import checkpoint, export, networks, parallel  # noqa: E402
-from byol_jax import reference_checkpoint, torch_resnet  # noqa: E402
 from byol_jax.configs import base as base_config  # noqa: E402
+from byol_jax.interop import export, reference_checkpoint, torch_resnet  # noqa: E402
 from byol_jax.jobs import export as export_job  # noqa: E402
 from byol_jax.jobs import import_reference  # noqa: E402
+from byol_jax.model import networks  # noqa: E402
+from byol_jax.train import checkpoint, parallel  # noqa: E402
 from tests.test_export import random_init, torch_eval  # noqa: E402
 
 BATCH = 2

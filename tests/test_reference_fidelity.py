@@ -12,8 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import crop_windows, device_augment, host_augment, networks, tf_import
+from byol_jax import tf_import
 from byol_jax.configs import base
+from byol_jax.model import networks
+from byol_jax.views import crop_windows, device_augment, host_augment
 
 LUMA = np.array([0.2989, 0.5870, 0.1140])
 

@@ -20,9 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from byol_jax import checkpoint, config_lib, datasets, input_pipeline, jobs, loop, main, parallel
-from byol_jax import reporting, workdir_lock
+from byol_jax import config_lib, jobs, main, reporting
+from byol_jax.data import datasets, input_pipeline
 from byol_jax.errors import ConfigError, NonFiniteLossError
+from byol_jax.train import checkpoint, loop, parallel, workdir_lock
 from tests.test_main import ENV, REPO, tiny_config
 
 
@@ -118,7 +119,7 @@ def test_an_ignored_ctrl_c_stays_ignored():
 
 HOLDER = """
 import sys, time
-from byol_jax import workdir_lock
+from byol_jax.train import workdir_lock
 with workdir_lock.hold(sys.argv[1], "pretrain"):
   print("held", flush=True)
   time.sleep(600)

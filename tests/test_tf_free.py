@@ -43,8 +43,10 @@ def test_in_memory_pipeline_reporting_and_clear_error_without_tensorflow(tmp_pat
   np.savez(tmp_path / "d.npz", train_images=images, train_labels=np.arange(40) % 4)
   out = run_without_tf(f"""
     import byol_jax
-    from byol_jax import datasets, input_pipeline, reporting, tf_import, train_step
+    from byol_jax import reporting, tf_import
     from byol_jax.configs import base
+    from byol_jax.data import datasets, input_pipeline
+    from byol_jax.train import train_step
     try:
       tf_import.import_tensorflow()
     except tf_import.TensorFlowMissingError as e:

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from byol_jax import networks, objectives, optim, parallel, resnet, train_step
+from byol_jax.model import networks, objectives, resnet
+from byol_jax.train import optim, parallel, train_step
 from tests import tiny
 
 

@@ -34,7 +34,7 @@ def view_config(blur_prob: float, solarize_prob: float) -> ml_collections.Config
 # What `augment.style` sets. A crop / color / resize field of `config.augment`
 # left at None follows the style; one set explicitly wins (an ablation).
 AUGMENT_STYLES = {
-    # DeepMind's released BYOL code: one-draw crop window (byol_jax/crop_windows.py),
+    # DeepMind's released BYOL code: one-draw crop window (byol_jax/views/crop_windows.py),
     # tf.image colour ops with a zero-padded blur, bicubic resize on float.
     "reference": dict(crop="reference", color="tf_image", resize="bicubic"),
     # torchvision / SimCLR: Inception crop (10 tries, centre fallback), torchvision's

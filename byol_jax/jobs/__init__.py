@@ -24,7 +24,8 @@ def run(job: str, config, workdir: str, mesh=None, *, allow_changed_resume: bool
   A multi-process job holds the workdir through process 0.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax import datasets, parallel, workdir_lock  # pylint: disable=g-import-not-at-top
+  from byol_jax.data import datasets  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel, workdir_lock
   module = importlib.import_module(f"byol_jax.jobs.{job}")
   extra = {"allow_changed_resume": allow_changed_resume} if job in RESUMING else {}
   try:

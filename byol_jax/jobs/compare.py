@@ -1,6 +1,6 @@
 """The compare job: the BYOL encoder of --workdir against the same network at random init.
 
-Both are read out frozen on the config's splits (`byol_jax.readout`): kNN and a
+Both are read out frozen on the config's splits (`byol_jax.evaluate.readout`): kNN and a
 linear probe fitted on the training split's features, scored on the held-out
 test split, and the collapse monitor on the test projections. The random
 encoder is pretraining's own starting point (same config and seed) with its BN
@@ -13,7 +13,9 @@ import os
 
 import jax
 
-from byol_jax import checkpoint, fileio, readout
+from byol_jax import config_lib, fileio
+from byol_jax.evaluate import readout
+from byol_jax.train import checkpoint
 
 PROBE_STEPS = 500
 PROBE_LR = 0.01
@@ -27,7 +29,8 @@ def run(config, workdir: str, mesh) -> dict:
   splits = dict(train_split=config.data.train_split, test_split=config.data.test_split,
                 batch_size=config.eval.batch_size, probe_steps=PROBE_STEPS, probe_lr=PROBE_LR)
   results = {"byol": readout.read_out(config, nets, params, state, mesh, **splits)}
-  random = readout.random_baseline(config, mesh, bn_split=config.data.train_split,
+  random = readout.random_baseline(config_lib.prepare(config, mesh), mesh,
+                                   bn_split=config.data.train_split,
                                    batch_size=config.eval.batch_size)
   results["random"] = readout.read_out(*random, mesh, **splits)
   report = {"results": results, "gaps": _gaps(results), "pretrained_workdir": source,

@@ -4,7 +4,8 @@ import os
 
 import jax
 
-from byol_jax import checkpoint, export, parallel
+from byol_jax.interop import export
+from byol_jax.train import checkpoint, parallel
 
 
 def run(config, workdir: str, mesh) -> dict:

@@ -7,8 +7,9 @@ where `linear_eval`, `knn` and `export` read it as they read a pretraining run.
 
 import os
 
-from byol_jax import checkpoint, reference_checkpoint
 from byol_jax.errors import ConfigError
+from byol_jax.interop import reference_checkpoint
+from byol_jax.train import checkpoint
 
 
 def run(config, workdir: str, mesh) -> dict:

@@ -5,7 +5,9 @@ import os
 
 import jax
 
-from byol_jax import checkpoint, evaluation, fileio, train_step
+from byol_jax import fileio
+from byol_jax.evaluate import evaluation
+from byol_jax.train import checkpoint, train_step
 
 
 def run(config, workdir: str, mesh) -> dict:

@@ -18,12 +18,13 @@ from typing import NamedTuple
 import haiku as hk
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from absl import logging
 
-from byol_jax import checkpoint, datasets, fileio, input_pipeline, loop, networks, objectives
-from byol_jax import parallel, reporting
+from byol_jax import fileio, reporting
+from byol_jax.data import datasets, input_pipeline
+from byol_jax.model import networks, objectives
+from byol_jax.train import checkpoint, loop, parallel
 
 # What a resumed classifier run must share with its checkpoint (`checkpoint.settings`);
 # lr and weight decay name the run's folder.

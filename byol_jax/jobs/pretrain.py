@@ -11,8 +11,12 @@ import os
 import jax
 from absl import logging
 
-from byol_jax import checkpoint, config_lib, device_augment, evaluation, fileio, input_pipeline
-from byol_jax import loop, networks, optim, reporting, train_step
+from byol_jax import config_lib, fileio, reporting
+from byol_jax.data import input_pipeline
+from byol_jax.evaluate import evaluation
+from byol_jax.model import networks
+from byol_jax.train import checkpoint, loop, optim, train_step
+from byol_jax.views import device_augment
 
 DIVERGENCE_ADVICE = ("Lower --config.optimizer.base_lr or raise --config.warmup_epochs and rerun "
                      "the command with that change.")

@@ -33,9 +33,10 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from byol_jax import networks, parallel
 from byol_jax.errors import ConfigError
-from byol_jax.train_step import TrainState
+from byol_jax.model import networks
+from byol_jax.train import parallel
+from byol_jax.train.train_step import TrainState
 
 # What must match for a checkpoint's arrays to fit the model.
 _ARCH_FIELDS = ("depth", "width", "base_channels", "stem", "norm", "padding", "projector_hidden",

@@ -14,8 +14,8 @@ shipped as float16 in [0, 1]) and the torchvision/SimCLR-style alternative
 
 import math
 
-from byol_jax import crop_windows
 from byol_jax.tf_import import import_tensorflow
+from byol_jax.views import crop_windows
 
 # Inception-style crops try this many (area, aspect) draws before falling back.
 CROP_ATTEMPTS = 10

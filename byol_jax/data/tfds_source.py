@@ -6,13 +6,14 @@ imagenette, ...) are read once into memory as encoded bytes and become
 random-access; larger ones (imagenet2012) are streamed.
 """
 
+import dataclasses
 import functools
 from typing import Optional
 
 import numpy as np
 from absl import logging
 
-from byol_jax.datasets import DataSourceError, RandomAccessSource, StreamingSource
+from byol_jax.data.sources import DataSourceError, RandomAccessSource, StreamingSource
 from byol_jax.tf_import import import_tensorflow
 
 TFDS_IN_MEMORY_MAX_BYTES = 4 * 2**30
@@ -38,6 +39,22 @@ def read_split(builder, split: str):
     return ex["image"], label
 
   return ds.map(pick, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+@dataclasses.dataclass
+class TfdsStream(StreamingSource):
+  """A TFDS split too large to hold in memory; read in file order, sharded by process."""
+  builder: object
+  split: str
+
+  def process_split(self, process_index: int, process_count: int) -> str:
+    return import_tfds().even_splits(self.split, n=process_count)[process_index]
+
+  def split_size(self, split: str) -> int:
+    return int(self.builder.info.splits[split].num_examples)
+
+  def read(self, split: str):
+    return read_split(self.builder, split)
 
 
 def _not_prepared_message(name: str, data_dir: Optional[str], cause) -> str:
@@ -91,8 +108,8 @@ def tfds_source(name: str, data_dir: Optional[str], split: str):
   if size > TFDS_IN_MEMORY_MAX_BYTES:
     num = int(builder.info.splits[split].num_examples)
     logging.info("%s: streaming %d examples (%.1f GB prepared).", description, num, size / 1e9)
-    return StreamingSource(description=description, builder=builder, split=split,
-                           num_examples=num, num_classes=num_classes)
+    return TfdsStream(description=description, num_examples=num, num_classes=num_classes,
+                      builder=builder, split=split)
   return _read_tfds_into_memory(ds, description, num_classes, "label" in features)
 
 

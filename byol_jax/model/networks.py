@@ -13,7 +13,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
-from byol_jax import resnet
+from byol_jax.model import resnet
 
 TARGET_MODULES = ("encoder", "projector")
 # torchvision's input normalisation, so exported encoders drop into PyTorch code.

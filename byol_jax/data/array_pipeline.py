@@ -1,4 +1,4 @@
-"""Batches of in-memory arrays (`datasets.ArraySource`): the host only gathers rows.
+"""Batches of in-memory arrays (`sources.ArraySource`): the host only gathers rows.
 
 The same stream as the tf.data pipelines (`input_pipeline`'s docstring states
 the contract), with no TensorFlow: pretraining batches carry the raw `image`
@@ -21,11 +21,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from byol_jax import device_crop, host_augment
 from byol_jax.configs import base
-from byol_jax.stream_index import (TAG_LINEAR, TAG_PRETRAIN, StreamIndex, check_process,
-                                   crop_seeds, eval_crop_fraction, eval_rows, local_batch_size,
-                                   train_examples)
+from byol_jax.data.stream_index import (TAG_LINEAR, TAG_PRETRAIN, StreamIndex, check_process,
+                                        crop_seeds, eval_crop_fraction, eval_rows, local_batch_size,
+                                        train_examples)
+from byol_jax.views import device_crop, host_augment
 
 
 def pretrain_batches(config, source, *, start_step: int, process_index: int,

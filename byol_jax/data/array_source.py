@@ -20,9 +20,9 @@ import os
 import numpy as np
 from absl import logging
 
-from byol_jax import folder_source
-from byol_jax.datasets import ArraySource, DataSourceError, RandomAccessSource
-from byol_jax.datasets import parse_split, slice_indices
+from byol_jax.data import folder_source
+from byol_jax.data.sources import ArraySource, DataSourceError, RandomAccessSource
+from byol_jax.data.sources import parse_split, slice_indices
 
 # Decoded images above this size would not fit many hosts' memory; crop those on the host.
 ARRAY_MAX_BYTES = 32 * 2**30
@@ -32,7 +32,7 @@ ARRAY_MAX_BYTES = 32 * 2**30
 def _npz_arrays(path: str) -> dict:
   if not os.path.isfile(path):
     raise DataSourceError(f"data.path {path} is not a file; data.source='npz' needs an .npz of "
-                          "uint8 images (see byol_jax/array_source.py for its keys).")
+                          "uint8 images (see byol_jax/data/array_source.py for its keys).")
   try:
     with np.load(path, allow_pickle=False) as f:
       return {k: f[k] for k in f.files}

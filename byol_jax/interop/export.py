@@ -23,8 +23,8 @@ from typing import Dict, Mapping, Tuple
 import numpy as np
 
 from byol_jax import fileio
-from byol_jax import torchvision_export as tv
-from byol_jax.networks import IMAGE_MEAN, IMAGE_STD
+from byol_jax.interop import torchvision_export as tv
+from byol_jax.model.networks import IMAGE_MEAN, IMAGE_STD
 
 NPZ_NAME = "encoder.npz"
 SAFETENSORS_NAME = "encoder_torchvision.safetensors"
@@ -139,7 +139,7 @@ def run_export(params, state, config, out_dir: str) -> Dict[str, str]:
                           "layout": "torchvision ResNet state dict (no fc.*), conv OIHW, "
                                     "NCHW inputs",
                           "load": "byol_jax.torch_resnet.load_safetensors(path), or see "
-                                  "byol_jax.torchvision_export.to_torchvision"},
+                                  "byol_jax.interop.torchvision_export.to_torchvision"},
       },
   }
   _write_json(description, paths["json"])

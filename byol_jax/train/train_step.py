@@ -14,8 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from byol_jax import networks as networks_lib
-from byol_jax import device_crop, objectives, optim, parallel
+from byol_jax.model import networks as networks_lib
+from byol_jax.model import objectives
+from byol_jax.train import optim, parallel
+from byol_jax.views import device_crop
 
 
 class TrainState(NamedTuple):

@@ -11,7 +11,7 @@ import functools
 
 import numpy as np
 
-from byol_jax import datasets
+from byol_jax.data import sources
 
 # Stream tags keep the random streams of different uses independent.
 TAG_PRETRAIN = 1
@@ -110,7 +110,7 @@ def train_examples(labels: np.ndarray, tag: int, label_fraction: float, seed: in
     return np.arange(len(labels))
   examples = class_balanced_subset(labels, label_fraction, seed)
   if not len(examples):
-    raise datasets.DataSourceError(
+    raise sources.DataSourceError(
         f"{description} has no labelled examples, so there is nothing to train a classifier "
         "on; use a split with class sub-folders / labels.")
   return examples

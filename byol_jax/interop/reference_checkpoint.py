@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from byol_jax import networks
+from byol_jax.model import networks
 
 ENCODER = "encoder"
 # Imported when the file has them; the encoder always must be there.

@@ -22,8 +22,8 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from byol_jax import checkpoint, parallel
 from byol_jax.errors import NonFiniteLossError
+from byol_jax.train import checkpoint, parallel
 
 # Reported as the value at the step, not averaged over the interval.
 _SCHEDULES = ("learning_rate", "tau")

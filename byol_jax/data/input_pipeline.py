@@ -30,7 +30,7 @@ the current epoch already consumed: at most one epoch of encoded records.
 Host/device split: for encoded sources (tf.data) the host decodes, crops,
 resizes and flips and ships views `view1`, `view2` (float16 in [0, 1] or
 uint8: `host_augment.VIEW_DTYPES`). For in-memory arrays
-(`datasets.ArraySource`) it only gathers rows: each batch carries the raw
+(`sources.ArraySource`) it only gathers rows: each batch carries the raw
 `image` and a `crop_seed` per example and view (a threefry key that is a fixed
 function of (config.seed, stream position, view)), and the update step cuts
 both views on the device (`device_crop`), so the same determinism, resume and
@@ -45,12 +45,13 @@ from typing import Iterator
 import numpy as np
 from absl import logging
 
-from byol_jax import array_pipeline, datasets, host_augment
 from byol_jax.configs import base
-from byol_jax.stream_index import (ENDLESS, TAG_LINEAR, TAG_ORDER, TAG_PRETRAIN, TAG_SUBSET,
-                                   StreamIndex, check_process, derive_seed, eval_crop_fraction,
-                                   eval_rows, local_batch_size, train_examples)
+from byol_jax.data import array_pipeline, datasets, sources
+from byol_jax.data.stream_index import (ENDLESS, TAG_LINEAR, TAG_ORDER, TAG_PRETRAIN, TAG_SUBSET,
+                                        StreamIndex, check_process, derive_seed, eval_crop_fraction,
+                                        eval_rows, local_batch_size, train_examples)
 from byol_jax.tf_import import import_tensorflow
+from byol_jax.views import host_augment
 
 # ----------------------------------------------------------------------------
 # tf.data building blocks.
@@ -125,11 +126,11 @@ def _train_dataset(config, source, view_configs, keys, tag: int, *, batch_size: 
   """The endless augmented stream for pretraining or linear training."""
   local = local_batch_size(batch_size, process_count)
   check_process(process_index, process_count, start_step)
-  if isinstance(source, datasets.ArraySource):
+  if isinstance(source, sources.ArraySource):
     raise ValueError(f"{source.description} is held as arrays and cropped on the device; it has "
                      "no tf.data pipeline (use pretrain_batches, or augment.crop_on=host).")
   example_fn = _views_fn(config, view_configs, tag, keys)
-  if isinstance(source, datasets.StreamingSource):
+  if isinstance(source, sources.StreamingSource):
     return _streaming_train(config, source, example_fn, local, batch_size, start_step,
                             process_index, process_count, label_fraction)
 
@@ -225,14 +226,14 @@ def pretrain_batches(config, *, start_step: int, process_index: int,
   Encoded sources yield `view1`, `view2` ([B/P, S, S, 3] in
   `host_augment.VIEW_DTYPES[resize]`, cropped, resized and flipped on the host)
   and `label` (int32, -1 when unlabelled).
-  In-memory arrays (`datasets.ArraySource`) yield `image` (uint8 [B/P, H, W,
+  In-memory arrays (`sources.ArraySource`) yield `image` (uint8 [B/P, H, W,
   3], as stored), `crop_seed` (uint32 [B/P, 2, 2]) and `label`, and
   `train_step`'s update cuts the views on the device (`device_crop`). Colour
   ops are always left to `device_augment`. See the module docstring for the
   determinism and resume guarantees.
   """
   source = datasets.load_source(config, config.data.train_split)
-  if isinstance(source, datasets.ArraySource):
+  if isinstance(source, sources.ArraySource):
     return array_pipeline.pretrain_batches(config, source, start_step=start_step,
                                            process_index=process_index,
                                            process_count=process_count)
@@ -262,7 +263,7 @@ def linear_train_batches(config, *, batch_size: int, start_step: int, process_in
   kwargs = dict(batch_size=batch_size, start_step=start_step, process_index=process_index,
                 process_count=process_count, label_fraction=label_fraction)
   source = datasets.load_source(config, config.data.train_split)
-  if isinstance(source, datasets.ArraySource):
+  if isinstance(source, sources.ArraySource):
     return array_pipeline.linear_train_batches(config, source, **kwargs)
   return linear_train_dataset(config, **kwargs).as_numpy_iterator()
 
@@ -275,7 +276,7 @@ def eval_dataset(config, split: str, *, batch_size: int, process_index: int,
   source = datasets.load_source(config, split)
   example_fn = _eval_fn(config)
 
-  if isinstance(source, datasets.StreamingSource):
+  if isinstance(source, sources.StreamingSource):
     splits = [source.process_split(p, process_count) for p in range(process_count)]
     sizes = [source.split_size(s) for s in splits]
     num_batches = max(math.ceil(n / local) for n in sizes)
@@ -300,7 +301,7 @@ def eval_dataset(config, split: str, *, batch_size: int, process_index: int,
     ds = ds.map(lambda position, label, path, contents, mask: (label, path, contents, mask))
 
   ds = ds.map(example_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  drop = isinstance(source, datasets.RandomAccessSource) and not source.verified
+  drop = isinstance(source, sources.RandomAccessSource) and not source.verified
   if drop:
     logging.warning("%s was not verified at start-up; an undecodable file would shorten "
                     "the evaluation by one example.", source.description)
@@ -320,6 +321,6 @@ def eval_batches(config, split: str, *, batch_size: int, process_index: int,
   """
   kwargs = dict(batch_size=batch_size, process_index=process_index, process_count=process_count)
   source = datasets.load_source(config, split)
-  if isinstance(source, datasets.ArraySource):
+  if isinstance(source, sources.ArraySource):
     return array_pipeline.eval_batches(config, source, **kwargs)
   return eval_dataset(config, split, **kwargs).as_numpy_iterator()

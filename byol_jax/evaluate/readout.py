@@ -27,7 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from byol_jax import config_lib, evaluation, input_pipeline, networks, optim, parallel, train_step
+from byol_jax.data import input_pipeline
+from byol_jax.evaluate import evaluation
+from byol_jax.model import networks
+from byol_jax.train import optim, parallel, train_step
 
 PROBE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
@@ -45,9 +48,9 @@ def features(config, nets, params, state, split: str, mesh, batch_size: int) -> 
 def initial_network(config, mesh):
   """BYOL's starting point for this config and seed: (config, nets, params, state).
 
-  The state's BN averages are the statistics of init's dummy batch: see `recalibrate_bn`.
+  `config` is finalised (`config_lib.prepare`). The state's BN averages are the
+  statistics of init's dummy batch: see `recalibrate_bn`.
   """
-  config = config_lib.prepare(config, mesh)
   nets = networks.make_networks(config.model, config.data.num_classes)
   state = train_step.create_state(config, nets, optim.make_optimizer(config), mesh)
   return config, nets, state.online_params, state.online_state

@@ -40,9 +40,9 @@ from typing import Sequence
 import numpy as np
 from absl import logging
 
-from byol_jax import host_augment
-from byol_jax.datasets import DataSourceError, RandomAccessSource, parse_split, slice_indices
+from byol_jax.data.sources import DataSourceError, RandomAccessSource, parse_split, slice_indices
 from byol_jax.tf_import import import_tensorflow
+from byol_jax.views import host_augment
 
 IMAGE_EXTENSIONS = frozenset({
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".gif", ".bmp", ".webp",

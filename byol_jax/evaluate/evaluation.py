@@ -13,7 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from byol_jax import input_pipeline, objectives, parallel
+from byol_jax.data import input_pipeline
+from byol_jax.model import objectives
+from byol_jax.train import parallel
 
 
 def extract(embed_fn: Callable, params, state, batches: Iterable[dict], mesh,

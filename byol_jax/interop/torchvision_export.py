@@ -16,8 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
-from byol_jax import fileio, networks, resnet
-from byol_jax.networks import IMAGE_MEAN, IMAGE_STD
+from byol_jax import fileio
+from byol_jax.model import networks, resnet
+from byol_jax.model.networks import IMAGE_MEAN, IMAGE_STD
 
 ENCODER = "encoder"
 PROJECTOR = "projector"

@@ -1,6 +1,6 @@
 """The random resized crop, resize and flip on the device, for in-memory images.
 
-For sources held as equal-sized uint8 arrays (`datasets.ArraySource`) the host
+For sources held as equal-sized uint8 arrays (`data.sources.ArraySource`) the host
 only gathers rows; this module cuts the views inside the jitted step, batched
 and per example, with the host path's distributions (`host_augment`): the
 window in `config.augment`'s crop style (the reference's one draw,
@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from byol_jax import crop_windows
 from byol_jax.configs import base
+from byol_jax.views import crop_windows
 
 CROP_ATTEMPTS = 10  # Inception-style crops: draws before the centre fallback, as the host
 _KEYS_CUBIC_A = -0.5  # TF's bicubic resize with half-pixel centres uses Keys' kernel

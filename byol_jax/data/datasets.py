@@ -1,0 +1,120 @@
+"""Data sources by kind: `load_source(config, split)` picks and builds one.
+
+Four kinds of `config.data.source`:
+
+* `"tfds"`: a TensorFlow Datasets dataset `data.name` under `data.data_dir`,
+  read offline only (`tfds_source`). Small ones are read into memory as
+  encoded bytes; larger ones (imagenet2012) are streamed.
+* `"folder"`: `data.path` is a directory tree of images or a .zip of one
+  (`folder_source`, whose docstring gives the layout rules).
+* `"demo"`: the CIFAR-10 sample embedded in `byol_jax/assets/` (see its
+  README), read through the folder/zip code, so demos run offline anywhere.
+* `"npz"`: `data.path` is an .npz of equal-sized uint8 images
+  (`array_source`); needs no TensorFlow.
+
+What each returns, and the split strings, are in `sources`.
+"""
+
+import os
+
+from byol_jax.data import array_source, folder_source, tfds_source
+from byol_jax.data.sources import DataSourceError, StreamingSource
+from byol_jax.tf_import import TensorFlowMissingError, import_tensorflow
+
+DEMO_ASSET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
+                          "cifar10_demo.zip")
+CROP_ON_CHOICES = ("auto", "host", "device")
+
+
+# ----------------------------------------------------------------------------
+# Entry points.
+# ----------------------------------------------------------------------------
+
+def clear_source_cache() -> None:
+  """Drops the sources kept for the run (zip maps, small TFDS splits held in memory).
+
+  `load_source` is cached so that a job's many readers of one split share it;
+  `jobs.run` clears the cache when the job ends, so nothing stays pinned after.
+  """
+  folder_source.folder_source.cache_clear()
+  tfds_source.tfds_source.cache_clear()
+
+
+def load_source(config, split: str):
+  """The source for `split` under `config.data` (cached per process)."""
+  data = config.data
+  kind = data.source
+  if kind == "npz":
+    return array_source.npz_source(_required_path(data, "an .npz of uint8 images"), split)
+  if kind not in ("demo", "folder", "tfds"):
+    raise DataSourceError(
+        f"Unknown data.source {kind!r}; use 'tfds', 'folder' (a directory or .zip), 'npz' "
+        "(uint8 image arrays) or 'demo'.")
+  on_device = crop_on_device(config)
+  if kind == "tfds":
+    source = tfds_source.tfds_source(data.name, data.data_dir, split)
+  else:
+    if kind == "demo":
+      if not os.path.exists(DEMO_ASSET):
+        raise DataSourceError(
+            f"The embedded demo data {DEMO_ASSET} is missing; rebuild it with `python "
+            "benchmarks/make_demo_assets.py` (needs ../shared/data) or reinstall byol_jax.")
+      root = DEMO_ASSET
+    else:
+      root = _required_path(data, "a directory of images or a .zip of one")
+    # With the crop on the device, PIL decodes (and so verifies) every image once anyway.
+    verify = "none" if on_device else _verify_policy(data)
+    source = folder_source.folder_source(root, split, verify)
+  if not on_device:
+    return source
+  if isinstance(source, StreamingSource):
+    raise DataSourceError(
+        f"{source.description} is streamed (too large for memory), so its crop cannot run on the "
+        "device; set --config.augment.crop_on=host.")
+  return array_source.decoded(source)
+
+
+def dataset_info(config, split: str) -> tuple:
+  """(num_examples, num_classes) of a split; num_classes is 0 when unknown."""
+  source = load_source(config, split)
+  return source.num_examples, source.num_classes
+
+
+def crop_on_device(config) -> bool:
+  """Whether the random resized crop runs inside the update step (on in-memory arrays).
+
+  `config.augment.crop_on`: "device", "host" (tf.data), or "auto": the device
+  for npz sources and whenever TensorFlow is missing, else the host.
+  """
+  choice = config.augment.crop_on
+  if choice not in CROP_ON_CHOICES:
+    raise DataSourceError(
+        f"augment.crop_on must be one of {', '.join(CROP_ON_CHOICES)}, got {choice!r}.")
+  if config.data.source == "npz":
+    if choice == "host":
+      raise DataSourceError("data.source='npz' holds decoded arrays, which are cropped on the "
+                            "device; set --config.augment.crop_on=auto or device.")
+    return True
+  if choice != "auto":
+    return choice == "device"
+  try:
+    import_tensorflow()
+  except TensorFlowMissingError:
+    return True
+  return False
+
+
+def _required_path(data, what: str) -> str:
+  if not data.path:
+    raise DataSourceError(
+        f"data.source={data.source!r} needs data.path: {what}, e.g. "
+        "--config.data.path=/data/my_images.")
+  return os.path.abspath(os.path.expanduser(data.path))
+
+
+def _verify_policy(data) -> str:
+  policy = data.verify_images
+  if policy not in ("auto", "all", "none"):
+    raise DataSourceError(
+        f"data.verify_images must be 'auto', 'all' or 'none', got {policy!r}.")
+  return policy
