@@ -58,7 +58,8 @@ def _encoder(model_config) -> resnet.ResNet:
                        stem=model_config.stem, norm=model_config.norm,
                        zero_init_residual=model_config.zero_init_residual,
                        base_channels=model_config.base_channels,
-                       padding=model_config.padding, name="encoder")
+                       padding=model_config.padding, remat=model_config.remat,
+                       name="encoder")
 
 
 def _projector(model_config) -> MLP:

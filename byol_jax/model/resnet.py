@@ -13,6 +13,7 @@ Module names follow torchvision (`conv1`, `bn1`, `layer1_0`, `downsample_conv`,
 statement of the block structure; the network and the export both read it.
 """
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import haiku as hk
@@ -128,7 +129,27 @@ def pointwise_conv(x, w, stride):
 
 
 def max_pool_3x3_s2(x, padding: str):
-  """The stem's 3x3 stride-2 max-pool, as the maximum of nine strided slices.
+  """The stem's 3x3 stride-2 max-pool: `max_pool_slices` on CPU, `max_pool_reduce_window`
+  on other platforms, chosen when the step is lowered (`lax.platform_dependent`).
+
+  Same values either way. On TPU the slices' gradient holds eight boolean masks and
+  nine padded partial sums at the stem's resolution, about a tenth of ResNet-50's
+  HBM traffic per step (experiments/tpu_scale.md); reduce_window's select-and-scatter
+  is one pass.
+  """
+  return jax.lax.platform_dependent(
+      x, cpu=functools.partial(max_pool_slices, padding=padding),
+      default=functools.partial(max_pool_reduce_window, padding=padding))
+
+
+def _pool_pads(shape, padding: str):
+  # Output ceil(n / 2) either way. torchvision pads one pixel each side; "SAME"
+  # (Haiku) pads the odd pixel after, so an even side gets none before.
+  return [(1 if padding == "torchvision" or size % 2 else 0, 1) for size in shape[1:3]]
+
+
+def max_pool_slices(x, padding: str):
+  """The max-pool as the maximum of nine strided slices.
 
   Its gradient is elementwise selects, where `lax.reduce_window`'s is a
   select-and-scatter, slower on XLA:CPU (1.2x alone, 3% of ResNet-50's step;
@@ -136,17 +157,20 @@ def max_pool_3x3_s2(x, padding: str):
   inputs of a window tie exactly, which it splits instead of giving to the
   first (after a ReLU, ties at zero get no gradient either way).
   """
-  # Output ceil(n / 2) either way. torchvision pads one pixel each side; "SAME"
-  # (Haiku) pads the odd pixel after, so an even side gets none before.
-  pads = [(1 if padding == "torchvision" or size % 2 else 0, 1) for size in x.shape[1:3]]
   out_h, out_w = ((size + 1) // 2 for size in x.shape[1:3])
-  x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+  x = jnp.pad(x, ((0, 0), *_pool_pads(x.shape, padding), (0, 0)), constant_values=-jnp.inf)
   out = None
   for i in range(3):
     for j in range(3):
       tap = x[:, i:i + 2 * out_h - 1:2, j:j + 2 * out_w - 1:2]
       out = tap if out is None else jnp.maximum(out, tap)
   return out
+
+
+def max_pool_reduce_window(x, padding: str):
+  """The max-pool as one `lax.reduce_window`."""
+  pads = ((0, 0), *_pool_pads(x.shape, padding), (0, 0))
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pads)
 
 
 def batch_norm(x, is_training: bool, scale_init=jnp.ones, name: str = "bn"):
@@ -226,9 +250,10 @@ class ResNet(hk.Module):
 
   def __init__(self, depth: int = 50, width: int = 1, stem: str = "imagenet",
                norm: str = "batch", zero_init_residual: bool = False,
-               base_channels: int = 64, padding: str = "torchvision",
+               base_channels: int = 64, padding: str = "torchvision", remat: bool = False,
                name: Optional[str] = "encoder"):
     super().__init__(name=name)
+    self.remat = remat
     check_architecture(depth, width, stem, norm, padding, base_channels)
     # 64 is every standard ResNet; smaller values give narrow nets for CPU demos and tests.
     self.blocks = layout(depth, width, base_channels)
@@ -246,5 +271,8 @@ class ResNet(hk.Module):
     if self.stem == "imagenet":
       x = max_pool_3x3_s2(x, p)
     for spec in self.blocks:
-      x = Block(spec, n, p, self.zero_init_residual)(x, is_training)
+      block = Block(spec, n, p, self.zero_init_residual)
+      # remat: keep only each block's input for the backward pass and recompute the rest
+      # there (the same values, a third more FLOPs, far fewer bytes held).
+      x = hk.remat(block, static_argnums=(1,))(x, is_training) if self.remat else block(x, is_training)
     return jnp.mean(x, axis=(1, 2))
