@@ -10,6 +10,9 @@ cost analysis does. TPU layouts are tiled, so each array is counted at its
 padded size (tiles of the `T(a,b)` in its layout) and at its logical size.
 
 It prints the total, then the bytes grouped by
+* the memory space each array is in: 0 is HBM; the others (`S(n)` in its layout)
+  are on-chip memories that XLA's memory-space assignment moves arrays into
+  (e.g. v4's CMEM), counted by XLA's cost analysis all the same;
 * what the op is: convolution fusion, loop/input fusion (elementwise,
   reductions), copy (layout changes), collective, ...;
 * where it comes from, read off the op's `op_name` metadata: the forward or the
@@ -59,6 +62,15 @@ def array_bytes(dtype: str, dims: str, layout: str, padded: bool) -> float:
 
 def shape_bytes(shape: str, padded: bool) -> float:
   return sum(array_bytes(d, dims, layout or "", padded) for d, dims, layout in _ARRAY.findall(shape))
+
+
+def space_bytes(shape: str) -> collections.Counter:
+  """Padded bytes of a shape's arrays by memory space (the n of `S(n)`; 0 without one)."""
+  out = collections.Counter()
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    space = re.search(r"S\((\d+)\)", layout or "")
+    out[f"memory space {space.group(1) if space else 0}"] += array_bytes(dtype, dims, layout, True)
+  return out
 
 
 def split_instruction(line: str):
@@ -137,7 +149,8 @@ def kind(opcode: str, attrs: str) -> str:
 def analyse(text: str, top: int = 25) -> dict:
   computations, entry, shapes = parse(text)
   totals = collections.Counter()
-  by_kind, by_source, ops = collections.Counter(), collections.Counter(), []
+  by_kind, by_source, by_space, ops = (collections.Counter(), collections.Counter(),
+                                       collections.Counter(), [])
 
   def walk(name: str, times: float):
     for inst_name, shape, opcode, operands, attrs in computations.get(name, []):
@@ -159,9 +172,15 @@ def analyse(text: str, top: int = 25) -> dict:
           moved = _ARRAY.findall(shape[1:] if shape.startswith("((") else shape)
           dest = moved[_ASYNC_MOVES[opcode]] if opcode == "copy-start" else moved[-2]
           sizes[padded] = times * 2 * array_bytes(dest[0], dest[1], dest[2], padded)
+          if padded:
+            by_space["moves between memory spaces"] += sizes[padded]
           continue
         operand_bytes = sum(shape_bytes(shapes.get((name, o), ""), padded) for o in operands)
         sizes[padded] = times * (shape_bytes(shape, padded) + operand_bytes)
+      if opcode not in _ASYNC_MOVES:
+        for part in [shape] + [shapes.get((name, o), "") for o in operands]:
+          for space, size in space_bytes(part).items():
+            by_space[space] += times * size
       totals["padded"] += sizes[True]
       totals["logical"] += sizes[False]
       by_kind[kind(opcode, attrs)] += sizes[True]
@@ -171,6 +190,7 @@ def analyse(text: str, top: int = 25) -> dict:
   walk(entry, 1)
   ops.sort(reverse=True)
   return {"bytes_padded": totals["padded"], "bytes_logical": totals["logical"],
+          "by_space": dict(by_space.most_common()),
           "by_kind": dict(by_kind.most_common()), "by_source": dict(by_source.most_common()),
           "top_ops": [dict(bytes=b, name=n, kind=k, source=s, shape=sh)
                       for b, n, k, s, sh in ops[:top]]}
@@ -187,7 +207,7 @@ def main(argv=None):
   total = result["bytes_padded"]
   print(f"{args.hlo}: {total / 1e9:.2f} GB padded to TPU tiles, "
         f"{result['bytes_logical'] / 1e9:.2f} GB logical")
-  for title in ("by_kind", "by_source"):
+  for title in ("by_space", "by_kind", "by_source"):
     print(f"\n{title.replace('_', ' ')}:")
     for key, value in result[title].items():
       if value / total >= 0.002:
