@@ -132,7 +132,7 @@ def source(attrs: str) -> str:
     return "augmentation"
   if re.search(r"lars|sgd|ema|optax|add_decayed|trace|scale_by", name):
     return "optimizer / EMA"
-  return "other: " + "/".join(name.split("/")[1:3])
+  return "other: " + ("/".join(name.split("/")[1:3]) or "no op_name (XLA's own)")
 
 
 def kind(opcode: str, attrs: str) -> str:
@@ -183,9 +183,10 @@ def analyse(text: str, top: int = 25) -> dict:
             by_space[space] += times * size
       totals["padded"] += sizes[True]
       totals["logical"] += sizes[False]
+      where = "moves between memory spaces" if opcode in _ASYNC_MOVES else source(attrs)
       by_kind[kind(opcode, attrs)] += sizes[True]
-      by_source[source(attrs)] += sizes[True]
-      ops.append((sizes[True], inst_name, kind(opcode, attrs), source(attrs), shape[:90]))
+      by_source[where] += sizes[True]
+      ops.append((sizes[True], inst_name, kind(opcode, attrs), where, shape[:90]))
 
   walk(entry, 1)
   ops.sort(reverse=True)

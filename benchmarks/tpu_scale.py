@@ -46,12 +46,24 @@ ROWS = {
     "r50_bf16_v4_64": ("resnet50_imagenet", "v4-64", 1, BF16),  # 128 per chip
     "r200x2_v4": ("resnet200x2_imagenet", "v4-128", 1, ()),  # bf16 is its default
     "r50_gn_ws_v4": ("resnet50_imagenet_gn_ws", "v4-128", 1, BF16),
+    "r200x2_noremat_v4": ("resnet200x2_imagenet", "v4-128", 1, ("--config.model.remat=False",)),
+    # The frontier of experiments/tpu_scale.md: ResNet-50's update step alone on a v4-8 at 64
+    # per chip (as v4-128 at batch 4096), before and after each change.
+    "f0_slices_two_pass": ("resnet50_imagenet", "v4-8", 1, BF16 + (
+        "--config.batch_size=256", "--config.model.max_pool=slices",
+        "--config.model.views_in_one_pass=False")),
+    "f1_two_pass": ("resnet50_imagenet", "v4-8", 1, BF16 + (
+        "--config.batch_size=256", "--config.model.views_in_one_pass=False")),
+    "f2_one_pass": ("resnet50_imagenet", "v4-8", 1, BF16 + ("--config.batch_size=256",)),
+    "f3_one_pass_128": ("resnet50_imagenet", "v4-8", 1, BF16 + ("--config.batch_size=512",)),
 }
 
 
 def row_command(name: str, out: str, python: str = sys.executable) -> list:
   config, topology, slices, overrides = ROWS[name]
-  steps = () if name == "r50_bf16_v4" else PRETRAIN
+  steps = () if name == "r50_bf16_v4" else (
+      ("--config.compile.steps=('pretrain',)", "--config.compile.save_hlo=True")
+      if name.startswith("f") else PRETRAIN)
   return [python, "-m", "byol_jax.main", "--job=compile", f"--config={config}",
           f"--config.compile.topology={topology}", f"--config.compile.num_slices={slices}",
           *steps, *overrides, f"--workdir={os.path.join(out, name)}"]
@@ -80,8 +92,9 @@ def run_row(name: str, out: str) -> dict:
   return row
 
 
-def calibrate(out: str) -> dict:
-  """The supervised step's roofline on a v3-8 beside the flax example's published speed."""
+def calibrate(out: str, max_pool: str = "auto") -> dict:
+  """The supervised step's roofline on a v3-8 beside the flax example's published speed;
+  `max_pool` "slices" compiles the stem pool as it was before it became reduce_window on TPU."""
   from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
   from byol_jax.train import compile as compile_lib  # pylint: disable=g-import-not-at-top
   from byol_jax.train import linear_step, parallel, roofline, topology
@@ -90,6 +103,7 @@ def calibrate(out: str) -> dict:
   config = config_lib.load("resnet50_imagenet")
   config.linear_eval.fine_tune = True     # the encoder trains: a supervised step
   config.linear_eval.batch_size = 1024
+  config.model.max_pool = max_pool
   config = config_lib.finalize(config, roofline.IMAGENET_TRAIN, 1000)
   topo = topology.parse("v3-8")
   mesh = parallel.make_mesh(topology.devices(topo))
@@ -101,7 +115,8 @@ def calibrate(out: str) -> dict:
   step = compile_lib.Step(bf16.update, step.args, step.examples)
   os.makedirs(out, exist_ok=True)
   cpu = time.process_time()
-  row = compile_lib.compile_step("supervised", step, os.path.join(out, "supervised.hlo.txt"))
+  name = "calibration" if max_pool == "auto" else f"calibration_{max_pool}"
+  row = compile_lib.compile_step("supervised", step, os.path.join(out, f"{name}.hlo.txt"))
   row["cpu_s"] = time.process_time() - cpu
   per_device = step.examples / topo.num_devices
   chip = roofline.CHIPS["v3"]
@@ -109,7 +124,7 @@ def calibrate(out: str) -> dict:
                                       topo.devices_per_chip)
   estimate = row["roofline"]["images_per_s_per_chip"]
   published = roofline.FLAX_IMAGES_PER_S_PER_V3_CHIP
-  row.update(topology=topo.name, examples_per_device=per_device,
+  row.update(topology=topo.name, examples_per_device=per_device, max_pool=max_pool,
              published_images_per_s_per_chip=published, calibration=published / estimate,
              published_step_s=per_device * topo.devices_per_chip / published,
              jax_version=jax.__version__)
@@ -120,7 +135,7 @@ def calibrate(out: str) -> dict:
         f"{estimate:.0f} images/s per chip; published {published:.0f} "
         f"({row['published_step_s'] * 1e3:.0f} ms): published / estimate = "
         f"{row['calibration']:.2f}", flush=True)
-  with open(os.path.join(out, "calibration.json"), "w") as f:
+  with open(os.path.join(out, f"{name}.json"), "w") as f:
     json.dump(row, f, indent=2, default=float)
   return row
 
@@ -167,6 +182,8 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rows", default="", help=f"'all' or a comma list of {', '.join(ROWS)}")
   parser.add_argument("--calibrate", action="store_true")
+  parser.add_argument("--max_pool", default="auto", choices=("auto", "slices"),
+                      help="--calibrate: the stem pool (slices: as before it changed on TPU)")
   parser.add_argument("--table", action="store_true",
                       help="Print the markdown table of what --out holds, then exit.")
   parser.add_argument("--out", default="runs/tpu_scale")
@@ -176,7 +193,7 @@ def main(argv=None):
     print(table(out))
     return 0
   if args.calibrate:
-    calibrate(out)
+    calibrate(out, args.max_pool)
   names = list(ROWS) if args.rows == "all" else [r for r in args.rows.split(",") if r]
   for name in names:
     if name not in ROWS:

@@ -1,6 +1,7 @@
 """--job=compile: TPU slice names, the roofline arithmetic, and a tiny net compiled for a
 v5e slice by the TPU compiler (libtpu, installed by `make test`), in a subprocess."""
 
+import importlib.util
 import json
 import math
 import os
@@ -53,6 +54,16 @@ def test_unknown_topology_is_one_line_listing_the_forms(name):
   assert f"Unknown TPU topology {name!r}" in message
   for form in ("v4-128", "v5litepod-256", "v5p-128", "v6e-64", "v4:4x4x4"):
     assert form in message
+
+
+def test_missing_libtpu_says_how_to_install_it(monkeypatch):
+  from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(cloud_tpu_init, "get_tpu_library_path", lambda: None)
+  monkeypatch.setattr(topology, "quiet_libtpu", lambda: None)  # leave the environment as is
+  with pytest.raises(ImportError) as err:
+    topology.devices(topology.parse("v5litepod-4"))
+  assert str(err.value) == topology.TPU_INSTALL
+  assert 'pip install -e ".[tpu]"' in topology.TPU_INSTALL and "\n" not in topology.TPU_INSTALL
 
 
 # --- The roofline -------------------------------------------------------------
@@ -177,3 +188,41 @@ def test_a_batch_too_big_for_the_chip_gets_the_memory_error(tmp_path):
   bigger = topology.parse(re.search(r"--config.compile.topology=(\S+?)\.?$", last).group(1))
   assert bigger.generation == "v5e" and bigger.chips >= needed / (0.8 * available)
   assert json.loads((tmp_path / "compile_report.json").read_text())["error"].startswith("eval:")
+
+
+# --- benchmarks/hlo_bytes.py: where a step's bytes come from --------------------
+
+HLO_LOOP = """
+%body (p: (s32[], f32[8,128])) -> (s32[], f32[8,128]) {
+  %p = (s32[], f32[8,128]) parameter(0)
+  %x = f32[8,128]{1,0:T(8,128)} get-tuple-element(%p), index=1
+  %y = f32[8,128]{1,0:T(8,128)} fusion(%x), kind=kLoop, calls=%f, metadata={op_name="jit(update)/vmap()/while/body/mul"}
+  ROOT %t = (s32[], f32[8,128]) tuple(%p, %y)
+}
+
+ENTRY %main (a: bf16[4,3]) -> bf16[4,3] {
+  %a = bf16[4,3]{1,0:T(8,128)(2,1)} parameter(0)
+  %c = bf16[4,3]{1,0:T(8,128)(2,1)} fusion(%a), kind=kLoop, calls=%g, metadata={op_name="jit(update)/jvp(encoder)/conv1/mul"}
+  %cs = (bf16[4,3]{1,0:T(8,128)(2,1)S(3)}, bf16[4,3]{1,0:T(8,128)(2,1)}, u32[]{:S(2)}) copy-start(%c)
+  %w = (s32[], f32[8,128]) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %d = bf16[4,3]{1,0:T(8,128)(2,1)S(3)} copy-done(%cs)
+}
+"""
+
+
+def test_hlo_bytes_by_hand():
+  spec = importlib.util.spec_from_file_location("hlo_bytes", os.path.join(REPO, "benchmarks",
+                                                                          "hlo_bytes.py"))
+  hlo_bytes = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(hlo_bytes)
+  result = hlo_bytes.analyse(HLO_LOOP)
+  tile = 8 * 128  # a bf16[4,3] or f32[8,128] array fills one (8, 128) tile
+  fusion = 2 * tile * 2                 # bf16 operand and result, each padded to a tile
+  move = 2 * tile * 2                   # the copy-start reads and writes its destination
+  loop = 3 * 2 * tile * 4               # the loop's f32 fusion, three trips
+  assert result["bytes_padded"] == fusion + move + loop
+  assert result["bytes_logical"] == 2 * 4 * 3 * 2 + 2 * 4 * 3 * 2 + loop
+  assert result["by_source"] == {"augmentation": loop, "forward encoder": fusion,
+                                 "moves between memory spaces": move}
+  assert result["by_space"] == {"memory space 0": fusion + loop,
+                                "moves between memory spaces": move}

@@ -103,8 +103,8 @@ def known_split_info(config, split: str) -> tuple:
     classes = data.num_classes
   if examples < 0 or classes < 0:
     what = f"data.source={data.source!r}" + (f" {data.name!r}" if name else "")
-    raise DataSourceError(f"The size of {what} split {split!r} is not known without reading it; "
-                      "set --config.data.num_train_examples and --config.data.num_classes.")
+    raise DataSourceError(f"The size of {what} split {split!r} is not known without reading "
+                          "it; set --config.data.num_train_examples and --config.data.num_classes.")
   return examples, classes, side
 
 

@@ -115,7 +115,6 @@ def compile_step(name: str, step: Step, hlo_path: Optional[str] = None) -> dict:
                     + sizes["temporaries"] + sizes["code"])
   return {"compile_s": seconds, "memory": sizes, "flops": float(cost["flops"]),
           "bytes_accessed": float(cost["bytes accessed"]),
-          "xla_optimal_s": float(cost.get("optimal_seconds", float("nan"))),
           "collectives": collective_bytes(hlo)}
 
 

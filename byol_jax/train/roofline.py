@@ -39,9 +39,10 @@ REFERENCE_IMAGES_PER_S_PER_V3_CHIP = 1000 * IMAGENET_TRAIN / (8 * 3600) / 256
 # The flax ImageNet example (examples/imagenet/README.md): ResNet-50, batch 1024, bf16,
 # 100 epochs in 4.4 h on a v3-8 (4 chips).
 FLAX_IMAGES_PER_S_PER_V3_CHIP = 100 * IMAGENET_TRAIN / (4.4 * 3600) / 4
-# Published speed / roofline estimate of that step on v3-8, as benchmarks/tpu_scale.py
-# --calibrate measured it (experiments/tpu_scale.md); multiply an estimate of images/s by it.
-CALIBRATION = None
+# Published speed / roofline estimate of that step on v3-8, as `benchmarks/tpu_scale.py
+# --calibrate` measured it on 2026-12-05 (experiments/tpu_scale.md): real steps ran at about
+# this fraction of the estimate, so multiply an estimate of images/s by it.
+CALIBRATION = 0.64
 
 
 def estimate(flops: float, bytes_accessed: float, examples: float, chip: Chip,
