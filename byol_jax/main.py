@@ -23,7 +23,8 @@ INTERRUPTED_EXIT_CODE = 130
 USER_ERRORS = (errors.ConfigError, errors.NonFiniteLossError, FileNotFoundError, ValueError,
                ImportError)
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for all outputs.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for all outputs "
+                                "(--job=compile: optional, default the current directory).")
 _JOB = flags.DEFINE_enum("job", "pretrain", list(jobs.JOBS), "What to run.")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None, "host:port of process 0, for multi-process runs outside "
@@ -46,12 +47,13 @@ def usage() -> str:
 def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not _WORKDIR.value:
+  if not _WORKDIR.value and _JOB.value not in jobs.OFFLINE:
     raise errors.ConfigError("Missing --workdir: the directory for checkpoints, metrics "
                              "and exports (e.g. --workdir=runs/demo).")
   # Libraries (orbax above all) log every save at INFO; keep their warnings, drop the rest.
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
-  from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel, topology  # pylint: disable=g-import-not-at-top
+  topology.quiet_libtpu()  # a host without TPUs that has libtpu (the [tpu] extra) runs quietly
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   result = jobs.run(_JOB.value, flags.FLAGS.config, _WORKDIR.value,
                     allow_changed_resume=_ALLOW_CHANGED_RESUME.value)

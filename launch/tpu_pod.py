@@ -6,7 +6,13 @@ r"""Runs byol_jax on a Cloud TPU VM pod slice (e.g. v4-32: 4 hosts x 4 chips).
         --config=resnet50_imagenet --workdir=gs://my-bucket/runs/r50 \
         --config.data.data_dir=gs://my-bucket/tensorflow_datasets --teardown
 
-Stages, each one `gcloud compute tpus tpu-vm ...` command:
+First, on this host, the pre-flight: `python -m byol_jax.main --job=compile` compiles
+the job's steps for --accelerator_type with the TPU compiler (libtpu, `pip install -e
+".[tpu]"`; no TPU needed, a few minutes for ResNet-50) and prints their memory per chip
+and a roofline estimate. A config that does not fit the chip's HBM stops the launch
+there, before anything is created or paid for (--skip_compile_check skips it).
+
+Then the stages, each one `gcloud compute tpus tpu-vm ...` command:
 
 1. `create` the TPU VM (--create), or check that it exists (--reuse);
 2. install the package on every worker (`ssh --worker=all`): a Python >= 3.11
@@ -24,10 +30,12 @@ Arguments of the form `--config.a.b=v` are passed to byol_jax.main unchanged.
 """
 
 import argparse
+import os
 import pathlib
 import shlex
 import shutil
 import subprocess
+import tempfile
 import sys
 from typing import List, Optional, Sequence, Tuple
 
@@ -35,6 +43,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 REMOTE_VENV = "byol_venv"            # relative to the worker's home directory
 REMOTE_LOG = "byol_jax.log"
 DEFAULT_RUNTIME = "tpu-ubuntu2204-base"
+# The steps each job runs on the pod, which the pre-flight compiles (none for export).
+PREFLIGHT = "pre-flight: compile for the slice on this host"
+PREFLIGHT_STEPS = {"pretrain": ("pretrain", "eval"), "linear_eval": ("linear_eval",),
+                   "knn": ("eval",)}
 
 
 def parse_args(argv: Sequence[str]):
@@ -64,6 +76,9 @@ def parse_args(argv: Sequence[str]):
   parser.add_argument("--job", default="pretrain",
                       choices=("pretrain", "linear_eval", "knn", "export"))
   parser.add_argument("--teardown", action="store_true", help="Delete the TPU VM at the end.")
+  parser.add_argument("--skip_compile_check", action="store_true",
+                      help="Launch without first compiling the job for --accelerator_type on "
+                      "this host (the pre-flight that refuses what does not fit).")
   parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                       help="Print the gcloud commands; run nothing.")
   args, rest = parser.parse_known_args(argv)
@@ -135,10 +150,23 @@ def run_script(args) -> str:
   return f"set -o pipefail; {shlex.join(main)} 2>&1 | tee -a {REMOTE_LOG}"
 
 
+def preflight_command(args) -> Optional[List[str]]:
+  """The local compile of the job's steps for the slice, or None when there is none."""
+  steps = PREFLIGHT_STEPS.get(args.job)
+  if args.skip_compile_check or steps is None:
+    return None
+  workdir = os.path.join(tempfile.gettempdir(), f"byol_jax_preflight_{args.tpu_name}")
+  return [sys.executable, "-m", "byol_jax.main", "--job=compile", f"--config={args.config}",
+          f"--config.compile.topology={args.accelerator_type}",
+          f"--config.compile.steps={steps!r}", *args.overrides, f"--workdir={workdir}"]
+
+
 def plan(args) -> List[Tuple[str, List[str]]]:
   """(stage, command) in order; the teardown, if any, runs even after a failure."""
-  stages = [("create", create_command(args)) if args.create
-            else ("check that the TPU VM exists", describe_command(args))]
+  preflight = preflight_command(args)
+  stages = [(PREFLIGHT, preflight)] if preflight else []
+  stages.append(("create", create_command(args)) if args.create
+                else ("check that the TPU VM exists", describe_command(args)))
   if args.install:
     stages.append(("install byol_jax on every worker", ssh_all_command(args, install_script(args))))
   stages.append(("run on every worker", ssh_all_command(args, run_script(args))))
@@ -179,6 +207,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if shutil.which("gcloud") is None:
     sys.exit("error: gcloud is not installed or not on PATH; see "
              "https://cloud.google.com/sdk/docs/install (or use --dry-run to see the commands).")
+  if stages[0][0] == PREFLIGHT:
+    (stage, cmd), stages = stages[0], stages[1:]
+    print(f"[tpu_pod] {stage}: {shlex.join(cmd)}", flush=True)
+    pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    if subprocess.call(cmd, env={**os.environ, "PYTHONPATH": pythonpath}):
+      print(f"error: the pre-flight compile for {args.accelerator_type} failed (see the line "
+            "above); nothing was created. Change the config as it says, or pass "
+            "--skip_compile_check to launch anyway.", file=sys.stderr)
+      return 1
   teardown = stages.pop() if args.teardown else None
   status = 0
   try:

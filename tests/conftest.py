@@ -9,6 +9,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # tf.data must not grab the accelerator or all host memory in tests.
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# The tests run on CPU devices; JAX need not probe libtpu (installed for --job=compile, whose
+# TPU compiler works without it).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 

@@ -148,6 +148,7 @@ def test_local_lets_the_others_exit_by_themselves_within_the_grace(fake_python):
 # launch/tpu_pod.py
 # ----------------------------------------------------------------------------
 
+PREFLIGHT = "pre-flight: compile for the slice on this host"
 TPU_FLAGS = ["--project=proj", "--zone=us-central2-b", "--tpu_name=byol-pod",
              "--accelerator_type=v4-32", "--config=resnet50_imagenet",
              "--workdir=gs://bucket/runs/r50"]
@@ -176,8 +177,14 @@ def remote(cmd):
 def test_tpu_dry_run_create_install_run_teardown():
   stages = tpu_dry_run("--create", "--package=gs://bucket/dist/byol_jax-0.1.0.tar.gz",
                        "--runtime_version=tpu-ubuntu2204-base", "--teardown", *OVERRIDES)
-  assert list(stages) == ["create", "install byol_jax on every worker", "run on every worker",
-                          "teardown"]
+  assert list(stages) == [PREFLIGHT, "create", "install byol_jax on every worker",
+                          "run on every worker", "teardown"]
+  preflight = stages[PREFLIGHT]
+  assert preflight[:5] == [PY, "-m", "byol_jax.main", "--job=compile",
+                           "--config=resnet50_imagenet"]
+  assert preflight[5:8] == ["--config.compile.topology=v4-32",
+                            "--config.compile.steps=('pretrain', 'eval')", *OVERRIDES[:1]]
+  assert preflight[8] == OVERRIDES[1] and preflight[9].startswith("--workdir=")
   where = ["--project=proj", "--zone=us-central2-b"]
   assert stages["create"] == ["gcloud", "compute", "tpus", "tpu-vm", "create", "byol-pod", *where,
                               "--accelerator-type=v4-32", "--version=tpu-ubuntu2204-base"]
@@ -201,16 +208,34 @@ def test_tpu_dry_run_create_install_run_teardown():
 
 
 def test_tpu_dry_run_reuse_without_install_from_git():
-  stages = tpu_dry_run("--reuse", "--noinstall", "--job=knn")
+  stages = tpu_dry_run("--reuse", "--noinstall", "--job=knn", "--skip_compile_check")
   assert list(stages) == ["check that the TPU VM exists", "run on every worker"]
   assert stages["check that the TPU VM exists"][4:6] == ["describe", "byol-pod"]
   assert "--job=knn" in shlex.split(remote(stages["run on every worker"]).split("; ", 1)[1])
   stages = tpu_dry_run("--reuse", "--package=git+https://github.com/example/byol_jax@v0.1.0",
-                       "--spot")
+                       "--spot", "--job=knn")
+  assert "--config.compile.steps=('eval',)" in stages[PREFLIGHT]
   steps = remote(stages["install byol_jax on every worker"]).split(" && ")
   assert ("byol_venv/bin/pip install -q 'byol_jax[tpu] @ "
           "git+https://github.com/example/byol_jax@v0.1.0'") in steps
   assert not any(s.startswith("gcloud storage") for s in steps)
+
+
+def test_tpu_refuses_to_launch_when_the_preflight_compile_fails(tmp_path):
+  """A failing pre-flight ends the launch before any gcloud command (here a slice name the
+  compile job rejects at once; tests/test_compile.py has the out-of-memory case)."""
+  calls = tmp_path / "gcloud_calls"
+  gcloud = tmp_path / "gcloud"
+  gcloud.write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+  gcloud.chmod(0o755)
+  flags = [f for f in TPU_FLAGS if not f.startswith("--accelerator_type")]
+  result = run_launcher("tpu_pod", *flags, "--accelerator_type=v4-12", "--create",
+                        "--noinstall", "--teardown",
+                        env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"})
+  assert result.returncode == 1
+  assert "Unknown TPU topology 'v4-12'" in result.stdout + result.stderr
+  assert "nothing was created" in result.stderr and "--skip_compile_check" in result.stderr
+  assert not calls.exists()
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -259,9 +259,22 @@ def test_stem_max_pool_equals_reduce_window(padding, side):
   pads = "SAME" if padding == "haiku_same" else ((0, 0), (1, 1), (1, 1), (0, 0))
   reference = lambda x: jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1),
                                               (1, 2, 2, 1), pads)
-  ours = lambda x: resnet.max_pool_3x3_s2(x, padding)
   x = jax.random.normal(KEY, (2, side, side + 1, 3))
-  np.testing.assert_array_equal(ours(x), reference(x))
   weights = jax.random.normal(jax.random.PRNGKey(1), reference(x).shape)
   grad = lambda fn: jax.grad(lambda x: jnp.sum(fn(x) * weights))(x)
-  np.testing.assert_array_equal(grad(ours), grad(reference))
+  for pool in (resnet.max_pool_3x3_s2, resnet.max_pool_slices, resnet.max_pool_reduce_window):
+    ours = lambda x, pool=pool: pool(x, padding)
+    np.testing.assert_array_equal(ours(x), reference(x))
+    np.testing.assert_array_equal(grad(ours), grad(reference))
+
+
+def test_stem_max_pool_is_nine_slices_on_cpu_and_reduce_window_elsewhere():
+  """The step lowered for CPU takes maxima of slices; for TPU (and GPU) a reduce_window,
+  whose gradient is a select-and-scatter."""
+  step = jax.jit(jax.grad(lambda x: jnp.sum(resnet.max_pool_3x3_s2(x, "torchvision"))))
+  x = jnp.zeros((1, 8, 8, 2))
+  for platform in ("cpu", "tpu", "cuda"):
+    text = step.trace(x).lower(lowering_platforms=(platform,)).as_text()
+    cpu = platform == "cpu"
+    assert ("stablehlo.maximum" in text) == cpu, platform
+    assert ("select_and_scatter" in text) != cpu, platform

@@ -87,6 +87,16 @@ def get_base_config() -> ml_collections.ConfigDict:
       head_norm=True,                 # BatchNorm in the heads; False: the "needs batch stats?" ablation
       # Speed option, off as in the paper: one BN batch for both views.
       merge_views_bn=False,
+      # Layout option: both views through each network in one pass of 2x the batch, BN
+      # statistics still per view (the same math); on TPU, batches of 128 per chip fill
+      # the 128-wide tiles that 64 would pad (experiments/tpu_scale.md).
+      views_in_one_pass=False,
+      # Memory option: recompute each residual block's activations in the backward pass
+      # instead of holding them (same math, ~1/3 more FLOPs).
+      remat=False,
+      # The stem max-pool's implementation (same values; gradients differ only at exact
+      # ties): "auto" = nine slices on CPU (faster there), reduce_window elsewhere (TPU).
+      max_pool="auto",
       use_predictor=True,             # False: the paper's collapsing ablation
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
@@ -146,6 +156,14 @@ def get_base_config() -> ml_collections.ConfigDict:
       encoder_lr_multiplier=1.0,
   ))
   c.export = ml_collections.ConfigDict(dict(include_projector=False))
+  # --job=compile: this config's steps compiled for a Cloud TPU slice, on any host.
+  c.compile = ml_collections.ConfigDict(dict(
+      # "v4-128", "v5p-128", "v5litepod-256", "v6e-64", "v3-8" or "v4:4x4x4" (GEN:SHAPE)
+      topology=ml_collections.FieldReference(None, field_type=str),
+      num_slices=1,                   # > 1: that many slices joined over the data-centre network
+      steps=("pretrain", "eval", "linear_eval"),
+      save_hlo=False,                 # also write each step's optimised HLO (benchmarks/hlo_bytes.py)
+  ))
   # DeepMind's released checkpoint (.pkl) that --job=import_reference reads.
   c.import_path = ml_collections.FieldReference(None, field_type=str)
   return c

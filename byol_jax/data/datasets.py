@@ -16,6 +16,7 @@ What each returns, and the split strings, are in `sources`.
 """
 
 import os
+from typing import Optional
 
 from byol_jax.data import array_source, folder_source, tfds_source
 from byol_jax.data.sources import DataSourceError, StreamingSource
@@ -24,6 +25,16 @@ from byol_jax.tf_import import TensorFlowMissingError, import_tensorflow
 DEMO_ASSET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
                           "cifar10_demo.zip")
 CROP_ON_CHOICES = ("auto", "host", "device")
+# What `--job=compile` needs of the splits the named configs train on, which it does not
+# read: (source, TFDS name, split) -> (examples, classes, side of the stored images or 0
+# where their sizes vary). Counts from the TFDS catalogue; the demo's from its asset README.
+KNOWN_SPLITS = {
+    ("tfds", "imagenet2012", "train"): (1_281_167, 1000, 0),
+    ("tfds", "cifar10", "train"): (50_000, 10, 32),
+    ("tfds", "stl10", "unlabelled"): (100_000, 10, 96),
+    ("tfds", "imagenette/160px-v2", "train"): (9_469, 10, 0),
+    ("demo", None, "train"): (3_600, 10, 32),
+}
 
 
 # ----------------------------------------------------------------------------
@@ -80,11 +91,29 @@ def dataset_info(config, split: str) -> tuple:
   return source.num_examples, source.num_classes
 
 
-def crop_on_device(config) -> bool:
+def known_split_info(config, split: str) -> tuple:
+  """(examples, classes, stored image side) of a split, without reading it: the
+  config's data.num_train_examples / num_classes where set, else `KNOWN_SPLITS`."""
+  data = config.data
+  name = data.name if data.source == "tfds" else None
+  examples, classes, side = KNOWN_SPLITS.get((data.source, name, split), (-1, -1, 0))
+  if data.num_train_examples >= 0:
+    examples = data.num_train_examples
+  if data.num_classes >= 0:
+    classes = data.num_classes
+  if examples < 0 or classes < 0:
+    what = f"data.source={data.source!r}" + (f" {data.name!r}" if name else "")
+    raise DataSourceError(f"The size of {what} split {split!r} is not known without reading "
+                          "it; set --config.data.num_train_examples and --config.data.num_classes.")
+  return examples, classes, side
+
+
+def crop_on_device(config, tensorflow: Optional[bool] = None) -> bool:
   """Whether the random resized crop runs inside the update step (on in-memory arrays).
 
   `config.augment.crop_on`: "device", "host" (tf.data), or "auto": the device
   for npz sources and whenever TensorFlow is missing, else the host.
+  `tensorflow` says whether it is installed where the run happens (None: here).
   """
   choice = config.augment.crop_on
   if choice not in CROP_ON_CHOICES:
@@ -97,11 +126,13 @@ def crop_on_device(config) -> bool:
     return True
   if choice != "auto":
     return choice == "device"
-  try:
-    import_tensorflow()
-  except TensorFlowMissingError:
-    return True
-  return False
+  if tensorflow is None:
+    try:
+      import_tensorflow()
+      tensorflow = True
+    except TensorFlowMissingError:
+      tensorflow = False
+  return not tensorflow
 
 
 def _required_path(data, what: str) -> str:

@@ -324,3 +324,32 @@ def eval_batches(config, split: str, *, batch_size: int, process_index: int,
   if isinstance(source, sources.ArraySource):
     return array_pipeline.eval_batches(config, source, **kwargs)
   return eval_dataset(config, split, **kwargs).as_numpy_iterator()
+
+
+def batch_shapes(config, kind: str, batch_size: int, source_side: int = 0) -> dict:
+  """{key: (shape, dtype)} of the global batches of `kind` ("pretrain", "linear" or
+  "eval") that the functions above yield, as the steps that take them see them;
+  for compiling those steps without reading data.
+
+  A pretraining batch carries the raw in-memory images (square, `source_side`
+  px) and their crop seeds when the crop runs on the device where the run
+  happens (with TensorFlow, as requirements.txt installs it), else host views.
+  """
+  size = int(config.data.image_size)
+  resize = base.resolve_augment(config.augment)["resize"]
+  view = ((batch_size, size, size, 3), host_augment.VIEW_DTYPES[resize])
+  label = ((batch_size,), "int32")
+  if kind == "eval":
+    return {"image": view, "label": label, "mask": ((batch_size,), "bool")}
+  if kind == "linear":
+    return {"image": view, "label": label}
+  if not datasets.crop_on_device(config, tensorflow=True):
+    return {"view1": view, "view2": view, "label": label}
+  if source_side <= 0:
+    raise sources.DataSourceError(
+        f"The crop runs on the device (augment.crop_on={config.augment.crop_on!r}), which needs "
+        "one-size images in memory; the images of this data source vary in size. Set "
+        "--config.augment.crop_on=host.")
+  return {"image": ((batch_size, source_side, source_side, 3), "uint8"),
+          "crop_seed": ((batch_size, 2, 2), "uint32"), "label": label}
+

@@ -2,7 +2,9 @@
 
 Jobs that resume from their own checkpoints (RESUMING) also take
 `allow_changed_resume`. A job holds its workdir for its whole run
-(`workdir_lock`): a second run on it is refused.
+(`workdir_lock`): a second run on it is refused. OFFLINE jobs compile for
+other devices than this host's: they take no mesh, hold no workdir, and
+`--workdir` is optional.
 """
 
 import importlib
@@ -14,8 +16,11 @@ JOBS = {
     "compare": "the pretrained encoder vs the same network at random init (kNN, linear, collapse)",
     "export": "the encoder as .npz and as a torchvision state dict",
     "import_reference": "DeepMind's released BYOL checkpoint (.pkl) -> a byol_jax checkpoint",
+    "compile": "pre-flight for a TPU pod from any host: compile the steps for "
+               "--config.compile.topology, report memory and a roofline estimate",
 }
 RESUMING = ("pretrain", "linear_eval")
+OFFLINE = ("compile",)
 
 
 def run(job: str, config, workdir: str, mesh=None, *, allow_changed_resume: bool = False) -> dict:
@@ -27,6 +32,8 @@ def run(job: str, config, workdir: str, mesh=None, *, allow_changed_resume: bool
   from byol_jax.data import datasets  # pylint: disable=g-import-not-at-top
   from byol_jax.train import parallel, workdir_lock
   module = importlib.import_module(f"byol_jax.jobs.{job}")
+  if job in OFFLINE:
+    return module.run(config, workdir)
   extra = {"allow_changed_resume": allow_changed_resume} if job in RESUMING else {}
   try:
     with workdir_lock.hold(workdir, job, enabled=jax.process_index() == 0):

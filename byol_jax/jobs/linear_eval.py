@@ -11,20 +11,16 @@ that is the semi-supervised protocol.
 
 import itertools
 import json
-import math
 import os
-from typing import NamedTuple
 
-import haiku as hk
 import jax
 import jax.numpy as jnp
-import optax
 from absl import logging
 
 from byol_jax import fileio, reporting
 from byol_jax.data import datasets, input_pipeline
-from byol_jax.model import networks, objectives
-from byol_jax.train import checkpoint, loop, parallel
+from byol_jax.model import objectives
+from byol_jax.train import checkpoint, linear_step, loop, parallel
 
 # What a resumed classifier run must share with its checkpoint (`checkpoint.settings`);
 # lr and weight decay name the run's folder.
@@ -33,89 +29,18 @@ TRAJECTORY = ("seed", "linear_eval.batch_size", "linear_eval.epochs", "linear_ev
               "data.source", "data.name", "data.path", "data.train_split", "data.image_size",
               "data.num_train_examples")
 
-class LinearState(NamedTuple):
-  step: jax.Array
-  encoder_params: hk.Params
-  encoder_state: hk.State
-  head_params: hk.Params
-  opt_state: optax.OptState
-
-
-def make_classifier(model_config, num_classes: int, fine_tune: bool):
-  def classify(images, is_training: bool):
-    embedding = networks._encoder(model_config)(networks.preprocess(images), is_training and fine_tune)  # pylint: disable=protected-access
-    if not fine_tune:
-      embedding = jax.lax.stop_gradient(embedding)
-    return hk.Linear(num_classes, name="classifier")(embedding)  # the reference's init
-  return hk.without_apply_rng(hk.transform_with_state(classify))
-
-
-def _split(params):
-  return networks.encoder_subset(params), hk.data_structures.filter(
-      lambda m, n, v: m.startswith("classifier"), params)
-
 
 def train_and_evaluate(config, pretrained, mesh, *, lr: float, weight_decay: float,
                        workdir: str, allow_changed_resume: bool = False) -> dict:
   """Trains one classifier with (lr, weight_decay) on the pretrained (params, state);
   returns val and test accuracy."""
   le = config.linear_eval
-  num_classes = config.data.num_classes
   num_train, _ = datasets.dataset_info(config, config.data.train_split)
-  steps = max(1, math.floor(le.epochs * num_train * le.label_fraction / le.batch_size))
+  steps = linear_step.num_steps(config, num_train)
   parallel.check_batch_size(le.batch_size, mesh)
-  classifier = make_classifier(config.model, num_classes, le.fine_tune)
-  schedule = optax.cosine_decay_schedule(lr * le.batch_size / 256, steps)
-  optimizer = optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      optax.sgd(schedule, momentum=le.momentum, nesterov=le.nesterov))
-
-  size = config.data.image_size
-
-  def init():
-    # Haiku's BatchNorm can only be created in training mode; the fine-tuning
-    # variant has the same parameter tree, and the encoder part is replaced below.
-    params, _ = make_classifier(config.model, num_classes, True).init(
-        jax.random.PRNGKey(config.seed), jnp.zeros((1, size, size, 3)), True)
-    _, head = _split(params)
-    encoder_params = networks.encoder_subset(pretrained[0])
-    encoder_state = networks.encoder_subset(pretrained[1])
-    trainable = {**head, **encoder_params} if le.fine_tune else head
-    return LinearState(jnp.zeros((), jnp.int32), encoder_params, encoder_state, head,
-                       optimizer.init(trainable))
-
-  repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  state = jax.jit(init, out_shardings=repl)()
-
-  def update(state: LinearState, batch):
-    images = batch["image"]
-
-    def loss_fn(trainable):
-      enc = {k: v for k, v in trainable.items() if k.startswith("encoder")} or state.encoder_params
-      head = {k: v for k, v in trainable.items() if k.startswith("classifier")}
-      logits, new_state = classifier.apply({**enc, **head}, state.encoder_state, images, True)
-      loss, hits = objectives.softmax_cross_entropy(logits, batch["label"])
-      return loss, (new_state, hits)
-
-    trainable = ({**state.head_params, **state.encoder_params} if le.fine_tune
-                 else state.head_params)
-    (loss, (new_state, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    enc, head = _split(trainable)
-    return LinearState(state.step + 1, enc or state.encoder_params,
-                       networks.encoder_subset(new_state), head, opt_state), dict(
-                           loss=loss, top1=hits["top1"] / batch["label"].shape[0],
-                           learning_rate=schedule(state.step))
-
-  update = jax.jit(update, in_shardings=(repl, data), out_shardings=(repl, repl),
-                   donate_argnums=0)
-
-  @jax.jit
-  def predict(state: LinearState, images):
-    logits, _ = classifier.apply({**state.encoder_params, **state.head_params},
-                                 state.encoder_state, images, False)
-    return logits
+  step = linear_step.make_linear_step(config, mesh, lr=lr, weight_decay=weight_decay,
+                                      steps=steps)
+  state = jax.jit(step.init, out_shardings=parallel.replicated(mesh))(*pretrained)
 
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=1)
   settings = checkpoint.settings(config.to_dict(), TRAJECTORY)
@@ -131,7 +56,7 @@ def train_and_evaluate(config, pretrained, mesh, *, lr: float, weight_decay: flo
       process_count=jax.process_count(), label_fraction=le.label_fraction)
   with ckpt:
     state, last = loop.train(
-        state, update=update, batches=batches, mesh=mesh, start=start, total=steps,
+        state, update=step.update, batches=batches, mesh=mesh, start=start, total=steps,
         every=loop.Every(config.log_every_steps, config.checkpoint.every_steps),
         reporter=reporter, ckpt=ckpt, to_items=lambda s: {"state": s},
         meta={"lr": lr, "weight_decay": weight_decay, "settings": settings},
@@ -148,7 +73,7 @@ def train_and_evaluate(config, pretrained, mesh, *, lr: float, weight_decay: flo
                                              process_count=jax.process_count()):
       batch = parallel.to_global(local, mesh)
       labels = jnp.where(batch["mask"], batch["label"], -1)
-      counts = objectives.topk_correct(predict(state, batch["image"]), labels)
+      counts = objectives.topk_correct(step.predict(state, batch["image"]), labels)
       hits = {k: hits[k] + int(counts[k]) for k in hits}
       total += int(jnp.sum(labels >= 0))
     return {k: v / max(total, 1) for k, v in hits.items()}

@@ -46,10 +46,10 @@ class MLP(hk.Module):
     self.hidden, self.output = hidden, output
     self.output_bias, self.batch_norm = output_bias, batch_norm
 
-  def __call__(self, x, is_training: bool):
+  def __call__(self, x, is_training: bool, views: int = 1):
     x = hk.Linear(self.hidden, name="linear1")(x)
     if self.batch_norm:
-      x = resnet.batch_norm(x, is_training)
+      x = resnet.batch_norm(x, is_training, views=views)
     return hk.Linear(self.output, with_bias=self.output_bias, name="linear2")(jax.nn.relu(x))
 
 
@@ -58,7 +58,8 @@ def _encoder(model_config) -> resnet.ResNet:
                        stem=model_config.stem, norm=model_config.norm,
                        zero_init_residual=model_config.zero_init_residual,
                        base_channels=model_config.base_channels,
-                       padding=model_config.padding, name="encoder")
+                       padding=model_config.padding, remat=model_config.remat,
+                       max_pool=model_config.max_pool, name="encoder")
 
 
 def _projector(model_config) -> MLP:
@@ -67,6 +68,8 @@ def _projector(model_config) -> MLP:
 
 
 class Networks(NamedTuple):
+  """`online` and `target` take (images, is_training, views=1); with views > 1 the rows of
+  `images` interleave that many views of each example, and BatchNorm is per view."""
   online: hk.TransformedWithState   # images -> {embedding, projection, prediction, logits}
   target: hk.TransformedWithState   # images -> {projection}
   encoder: hk.TransformedWithState  # images -> embedding (for evaluation and export)
@@ -75,13 +78,13 @@ class Networks(NamedTuple):
 def make_networks(model_config, num_classes: int) -> Networks:
   """Builds the transforms from the `model` block of a config."""
 
-  def online(images, is_training: bool):
-    embedding = _encoder(model_config)(preprocess(images), is_training)
-    projection = _projector(model_config)(embedding, is_training)
+  def online(images, is_training: bool, views: int = 1):
+    embedding = _encoder(model_config)(preprocess(images), is_training, views)
+    projection = _projector(model_config)(embedding, is_training, views)
     if model_config.use_predictor:
       prediction = MLP(model_config.predictor_hidden, model_config.projection_dim,
                        model_config.head_bias, model_config.head_norm,
-                       "predictor")(projection, is_training)
+                       "predictor")(projection, is_training, views)
     else:  # the paper's ablation: without a predictor BYOL collapses
       prediction = projection
     # The probe sees a stop-gradient copy: its loss can never shape the encoder.
@@ -89,9 +92,9 @@ def make_networks(model_config, num_classes: int) -> Networks:
     return dict(embedding=embedding, projection=projection, prediction=prediction,
                 logits=logits)
 
-  def target(images, is_training: bool):
-    embedding = _encoder(model_config)(preprocess(images), is_training)
-    return dict(projection=_projector(model_config)(embedding, is_training))
+  def target(images, is_training: bool, views: int = 1):
+    embedding = _encoder(model_config)(preprocess(images), is_training, views)
+    return dict(projection=_projector(model_config)(embedding, is_training, views))
 
   def encoder(images, is_training: bool):
     return _encoder(model_config)(preprocess(images), is_training)

@@ -13,6 +13,7 @@ Module names follow torchvision (`conv1`, `bn1`, `layer1_0`, `downsample_conv`,
 statement of the block structure; the network and the export both read it.
 """
 
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import haiku as hk
@@ -32,6 +33,7 @@ ARCHITECTURES = {
     200: ("bottleneck", (3, 24, 36, 3)),
 }
 NORMS = ("batch", "group_ws")
+MAX_POOLS = ("auto", "slices", "reduce_window")
 STEMS = ("imagenet", "cifar")
 PADDINGS = ("torchvision", "haiku_same")
 MAX_WIDTH = 4
@@ -127,8 +129,31 @@ def pointwise_conv(x, w, stride):
   return jnp.einsum("nhwc,cd->nhwd", x[:, ::sh, ::sw], w[0, 0])
 
 
-def max_pool_3x3_s2(x, padding: str):
-  """The stem's 3x3 stride-2 max-pool, as the maximum of nine strided slices.
+def max_pool_3x3_s2(x, padding: str, how: str = "auto"):
+  """The stem's 3x3 stride-2 max-pool. `how` "auto": `max_pool_slices` on CPU,
+  `max_pool_reduce_window` on other platforms, chosen when the step is lowered
+  (`lax.platform_dependent`); "slices" or "reduce_window": that one everywhere.
+
+  Same values either way. On TPU the slices' gradient holds eight boolean masks and
+  nine padded partial sums at the stem's resolution, a fifth of ResNet-50's HBM
+  traffic per step (experiments/tpu_scale.md); reduce_window's select-and-scatter
+  is one pass.
+  """
+  slices = functools.partial(max_pool_slices, padding=padding)
+  reduce_window = functools.partial(max_pool_reduce_window, padding=padding)
+  if how == "auto":
+    return jax.lax.platform_dependent(x, cpu=slices, default=reduce_window)
+  return {"slices": slices, "reduce_window": reduce_window}[how](x)
+
+
+def _pool_pads(shape, padding: str):
+  # Output ceil(n / 2) either way. torchvision pads one pixel each side; "SAME"
+  # (Haiku) pads the odd pixel after, so an even side gets none before.
+  return [(1 if padding == "torchvision" or size % 2 else 0, 1) for size in shape[1:3]]
+
+
+def max_pool_slices(x, padding: str):
+  """The max-pool as the maximum of nine strided slices.
 
   Its gradient is elementwise selects, where `lax.reduce_window`'s is a
   select-and-scatter, slower on XLA:CPU (1.2x alone, 3% of ResNet-50's step;
@@ -136,11 +161,8 @@ def max_pool_3x3_s2(x, padding: str):
   inputs of a window tie exactly, which it splits instead of giving to the
   first (after a ReLU, ties at zero get no gradient either way).
   """
-  # Output ceil(n / 2) either way. torchvision pads one pixel each side; "SAME"
-  # (Haiku) pads the odd pixel after, so an even side gets none before.
-  pads = [(1 if padding == "torchvision" or size % 2 else 0, 1) for size in x.shape[1:3]]
   out_h, out_w = ((size + 1) // 2 for size in x.shape[1:3])
-  x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=-jnp.inf)
+  x = jnp.pad(x, ((0, 0), *_pool_pads(x.shape, padding), (0, 0)), constant_values=-jnp.inf)
   out = None
   for i in range(3):
     for j in range(3):
@@ -149,16 +171,45 @@ def max_pool_3x3_s2(x, padding: str):
   return out
 
 
-def batch_norm(x, is_training: bool, scale_init=jnp.ones, name: str = "bn"):
-  """Haiku's BatchNorm computed in float32 whatever the compute dtype.
+def max_pool_reduce_window(x, padding: str):
+  """The max-pool as one `lax.reduce_window`."""
+  pads = ((0, 0), *_pool_pads(x.shape, padding), (0, 0))
+  return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 3, 3, 1), (1, 2, 2, 1), pads)
+
+
+class BatchNorm(hk.BatchNorm):
+  """`hk.BatchNorm` (the same parameters and state) whose batch may interleave `views`
+  views of each example (rows e * views + v), each normalised with its own statistics
+  and each updating the moving averages in turn, as `views` separate batches would.
+  """
+
+  def __call__(self, inputs, is_training: bool, views: int = 1):
+    if views == 1 or not is_training:
+      return super().__call__(inputs, is_training)
+    x = inputs.reshape(-1, views, *inputs.shape[1:])
+    axes = tuple(i for i in range(x.ndim) if i not in (1, x.ndim - 1))
+    mean = jnp.mean(x, axes, keepdims=True)
+    var = jnp.mean(jnp.square(x), axes, keepdims=True) - jnp.square(mean)
+    for v in range(views):
+      self.mean_ema(mean[:, v])
+      self.var_ema(var[:, v])
+    w_shape = (1,) * (inputs.ndim - 1) + inputs.shape[-1:]
+    scale = hk.get_parameter("scale", w_shape, inputs.dtype, self.scale_init)
+    offset = hk.get_parameter("offset", w_shape, inputs.dtype, self.offset_init)
+    out = (x - mean) * (scale * jax.lax.rsqrt(var + self.eps)) + offset
+    return out.reshape(inputs.shape)
+
+
+def batch_norm(x, is_training: bool, scale_init=jnp.ones, name: str = "bn", views: int = 1):
+  """BatchNorm computed in float32 whatever the compute dtype, per view (`BatchNorm`).
 
   It takes the variance as E[x^2] - E[x]^2, which cancels catastrophically in
   bfloat16 (NaN losses within tens of steps); float32 statistics are the usual
   mixed-precision rule. Under jit with a batch-sharded input the mean over the
   batch is already a global (cross-replica) mean: XLA inserts the all-reduce.
   """
-  y = hk.BatchNorm(True, True, BN_DECAY, eps=BN_EPS, scale_init=scale_init, name=name)(
-      x.astype(jnp.float32), is_training=is_training)
+  y = BatchNorm(True, True, BN_DECAY, eps=BN_EPS, scale_init=scale_init, name=name)(
+      x.astype(jnp.float32), is_training, views)
   return y.astype(x.dtype)
 
 
@@ -170,9 +221,9 @@ class Norm(hk.Module):
     self.norm = norm
     self.scale_init = jnp.zeros if zero_init else jnp.ones
 
-  def __call__(self, x, is_training: bool):
+  def __call__(self, x, is_training: bool, views: int = 1):
     if self.norm == "batch":
-      return batch_norm(x, is_training, self.scale_init)
+      return batch_norm(x, is_training, self.scale_init, views=views)
     groups = min(32, x.shape[-1])  # narrow (base_channels < 64) nets have fewer channels
     return hk.GroupNorm(groups=groups, eps=BN_EPS, scale_init=self.scale_init, name="gn")(x)
 
@@ -201,7 +252,7 @@ class Block(hk.Module):
     self.spec, self.norm, self.padding = spec, norm, padding
     self.zero_init = zero_init_residual
 
-  def __call__(self, x, is_training):
+  def __call__(self, x, is_training, views: int = 1):
     c, s = self.spec.channels, self.spec.stride
     if self.spec.kind == "basic":
       layers = [(c, 3, s), (c, 3, 1)]
@@ -211,24 +262,30 @@ class Block(hk.Module):
     shortcut = x
     if self.spec.downsample:
       shortcut = conv_(self.spec.out_channels, 1, s, "downsample_conv")(x)
-      shortcut = Norm(self.norm, name="downsample_norm")(shortcut, is_training)
+      shortcut = Norm(self.norm, name="downsample_norm")(shortcut, is_training, views)
     for i, (channels, kernel, stride) in enumerate(layers, start=1):
       x = conv_(channels, kernel, stride, f"conv{i}")(x)
       last = i == len(layers)
-      x = Norm(self.norm, zero_init=last and self.zero_init, name=f"bn{i}")(x, is_training)
+      x = Norm(self.norm, zero_init=last and self.zero_init, name=f"bn{i}")(x, is_training,
+                                                                              views)
       if not last:
         x = jax.nn.relu(x)
     return jax.nn.relu(x + shortcut)
 
 
 class ResNet(hk.Module):
-  """ResNet v1 torso: images [N, H, W, 3] -> pooled embedding [N, D]."""
+  """ResNet v1 torso: images [N, H, W, 3] -> pooled embedding [N, D]; BatchNorm statistics
+  per view when the N rows interleave `views` views of N / views examples."""
 
   def __init__(self, depth: int = 50, width: int = 1, stem: str = "imagenet",
                norm: str = "batch", zero_init_residual: bool = False,
-               base_channels: int = 64, padding: str = "torchvision",
-               name: Optional[str] = "encoder"):
+               base_channels: int = 64, padding: str = "torchvision", remat: bool = False,
+               max_pool: str = "auto", name: Optional[str] = "encoder"):
     super().__init__(name=name)
+    if max_pool not in MAX_POOLS:
+      raise ValueError(f"Unknown max_pool {max_pool!r}: model.max_pool must be one of "
+                       f"{MAX_POOLS}.")
+    self.remat, self.max_pool = remat, max_pool
     check_architecture(depth, width, stem, norm, padding, base_channels)
     # 64 is every standard ResNet; smaller values give narrow nets for CPU demos and tests.
     self.blocks = layout(depth, width, base_channels)
@@ -236,15 +293,19 @@ class ResNet(hk.Module):
     self.stem, self.norm, self.padding = stem, norm, padding
     self.zero_init_residual = zero_init_residual
 
-  def __call__(self, x, is_training: bool):
+  def __call__(self, x, is_training: bool, views: int = 1):
     n, p = self.norm, self.padding
     if self.stem == "imagenet":
       x = conv(n, self.stem_channels, 7, 2, "conv1", p)(x)
     else:
       x = conv(n, self.stem_channels, 3, 1, "conv1", p)(x)
-    x = jax.nn.relu(Norm(n, name="bn1")(x, is_training))
+    x = jax.nn.relu(Norm(n, name="bn1")(x, is_training, views))
     if self.stem == "imagenet":
-      x = max_pool_3x3_s2(x, p)
+      x = max_pool_3x3_s2(x, p, self.max_pool)
     for spec in self.blocks:
-      x = Block(spec, n, p, self.zero_init_residual)(x, is_training)
+      block = Block(spec, n, p, self.zero_init_residual)
+      # remat: keep only each block's input for the backward pass and recompute the rest
+      # there (the same values, a third more FLOPs, far fewer bytes held).
+      run = hk.remat(block, static_argnums=(1, 2)) if self.remat else block
+      x = run(x, is_training, views)
     return jnp.mean(x, axis=(1, 2))

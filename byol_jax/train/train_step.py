@@ -67,6 +67,7 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
   lr_fn, tau_fn = optim.schedules(config)
   compute_dtype = jnp.dtype(config.compute_dtype)
   merge_views = config.model.merge_views_bn
+  one_pass = merge_views or config.model.views_in_one_pass
   projection_dim = config.model.projection_dim
 
   def cast(tree):
@@ -74,11 +75,15 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
 
   def forward(transformed, params, state, view1, view2):
     """Applies a network to both views; BN statistics per view unless merged."""
-    if merge_views:
-      out, state = transformed.apply(cast(params), state, cast(jnp.concatenate([view1, view2])), True)
+    if one_pass:
+      # Rows interleave the views (example-major), so each device keeps its own examples.
+      both = jnp.stack([view1, view2], axis=1).reshape(-1, *view1.shape[1:])
+      out, state = transformed.apply(cast(params), state, cast(both), True,
+                                     1 if merge_views else 2)
       out = networks_lib.cast_floating(out, jnp.float32)
-      half = view1.shape[0]
-      return jax.tree.map(lambda x: x[:half], out), jax.tree.map(lambda x: x[half:], out), state
+      views = [jax.tree.map(lambda x, v=v: x.reshape(-1, 2, *x.shape[1:])[:, v], out)
+               for v in (0, 1)]
+      return views[0], views[1], state
     out1, state = transformed.apply(cast(params), state, cast(view1), True)
     out2, state = transformed.apply(cast(params), state, cast(view2), True)
     return (networks_lib.cast_floating(out1, jnp.float32),

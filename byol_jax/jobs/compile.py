@@ -1,0 +1,158 @@
+"""The compile job: a config's steps compiled for a Cloud TPU slice, on any host.
+
+    python -m byol_jax.main --job=compile --config=resnet50_imagenet \\
+        --config.compile.topology=v4-128
+
+compiles what `--job=pretrain` runs there (the update step with its device
+augmentation, and the evaluation forward) and the `--job=linear_eval` step,
+with the TPU compiler (libtpu: `pip install -e ".[tpu]"`), reading no data and
+allocating nothing (`train/compile.py`). It prints per device, for each step:
+memory against the chip's HBM, FLOPs and HBM bytes per step, the all-reduce
+bytes, and a roofline ESTIMATE of step time, images/s per chip and the MFU
+ceiling (`train/roofline.py`), and writes compile_report.json (in --workdir,
+else the current directory). A step that does not fit the chip ends the job
+with one line: what it needs, what the chip has, what to change.
+"""
+
+import json
+import math
+import os
+
+import jax
+
+from byol_jax import config_lib, fileio
+from byol_jax.data import datasets
+from byol_jax.errors import ConfigError
+from byol_jax.train import compile as compile_lib
+from byol_jax.train import parallel, roofline, topology
+
+REPORT = "compile_report.json"
+HEADROOM = 0.2  # a step with less free HBM than this is flagged as tight
+BATCH_FIELDS = {"pretrain": "batch_size", "eval": "eval.batch_size",
+                "linear_eval": "linear_eval.batch_size"}
+GIB = 2.0**30
+
+
+def run(config, workdir) -> dict:
+  cc = config.compile
+  if not cc.topology:
+    raise ConfigError(f"Missing --config.compile.topology: the TPU slice to compile for, one of "
+                      f"the {topology.FORMS}.")
+  topo = topology.parse(cc.topology, cc.num_slices)
+  unknown = sorted(set(cc.steps) - set(compile_lib.STEPS))
+  if unknown or not cc.steps:
+    raise ConfigError(f"compile.steps must name some of {', '.join(compile_lib.STEPS)}; got "
+                      f"{tuple(cc.steps)}.")
+  examples, classes, side = datasets.known_split_info(config, config.data.train_split)
+  config = config_lib.finalize(config, examples, classes)
+  mesh = parallel.make_mesh(topology.devices(topo))
+  steps = compile_lib.build_steps(config, mesh, side, tuple(cc.steps))
+  for step in steps.values():
+    parallel.check_batch_size(step.examples, mesh)
+
+  chip = roofline.CHIPS[topo.generation]
+  hbm = chip.hbm_bytes / topo.devices_per_chip
+  report = {"note": "roofline figures are ESTIMATES from the compiled program's cost analysis "
+                    "(train/roofline.py), not measurements",
+            "topology": dict(topo._asdict(), topology_name=topo.topology_name, chips=topo.chips,
+                             devices=topo.num_devices),
+            "chip": dict(chip._asdict(), hbm_bytes_per_device=hbm),
+            "batch_size": config.batch_size, "compute_dtype": config.compute_dtype,
+            "model": config.model.to_dict(), "steps": {},
+            "reference_images_per_s_per_v3_chip": roofline.REFERENCE_IMAGES_PER_S_PER_V3_CHIP,
+            "calibration": roofline.CALIBRATION}
+  slices = f" x {topo.num_slices} slices" if topo.num_slices > 1 else ""
+  print(f"[compile] {topo.name} = {topo.topology_name}{slices}: {topo.chips} chips, "
+        f"{topo.devices_per_chip} device(s) per chip with {chip.hbm_bytes / GIB:.1f} GiB HBM; "
+        f"batch {config.batch_size} ({config.batch_size / topo.chips:g} per chip), "
+        f"{config.compute_dtype}", flush=True)
+  path = os.path.join(workdir or ".", REPORT)
+  print(HEADER, flush=True)
+  try:
+    for name, step in steps.items():
+      hlo = os.path.join(workdir or ".", f"{name}.hlo.txt") if cc.save_hlo else None
+      row = compile_lib.compile_step(name, step, hlo)
+      per_device = step.examples / topo.num_devices
+      row["examples_per_device"] = per_device
+      row["roofline"] = roofline.estimate(row["flops"], row["bytes_accessed"], per_device, chip,
+                                          topo.devices_per_chip)
+      row["roofline"]["calibrated_images_per_s_per_chip"] = (
+          row["roofline"]["images_per_s_per_chip"] * roofline.CALIBRATION)
+      need = row["memory"]["total"]
+      if name == "eval" and "pretrain" in steps:  # the rest of the train state stays in HBM
+        need += _nbytes(steps["pretrain"].args[0]) - _nbytes(step.args[:2])
+      row["hbm_needed"], row["hbm_fraction"] = need, need / hbm
+      report["steps"][name] = row
+      print(_line(name, row, hbm), flush=True)
+  except compile_lib.OutOfMemoryError as e:
+    report["error"] = str(e)
+    _write(path, report)
+    if e.needed is None:
+      raise ConfigError(f"The {e.step} step does not fit a {topo.generation} device: "
+                        f"{e.message} {_advice(config, topo, e.step, 2.0)}") from None
+    raise ConfigError(_does_not_fit(e.step, e.needed, e.available, config, topo)) from None
+  _write(path, report)
+  print(f"[compile] roofline = max(FLOPs / bf16 peak, bytes / HBM bandwidth): an estimate, not a "
+        f"measurement; calibrated = x{roofline.CALIBRATION} (a supervised ResNet-50 step's "
+        f"published v3 speed over its estimate). DeepMind's reference ran "
+        f"{roofline.REFERENCE_IMAGES_PER_S_PER_V3_CHIP:.0f} images/s per v3 chip. Report: {path}",
+        flush=True)
+  over = [(n, r) for n, r in report["steps"].items() if r["hbm_fraction"] > 1.0]
+  if over:
+    name, row = max(over, key=lambda item: item[1]["hbm_fraction"])
+    raise ConfigError(_does_not_fit(name, row["hbm_needed"], hbm, config, topo))
+  return report
+
+
+HEADER = (f"  {'step':<12}{'compile':>8}  {'HBM per device':<24}{'TFLOP':>7}{'GB moved':>10}"
+          f"{'B/FLOP':>8}{'all-reduce':>12}   roofline ESTIMATE per step")
+
+
+def _line(name: str, row: dict, hbm: float) -> str:
+  r = row["roofline"]
+  tight = " tight" if row["hbm_fraction"] > 1 - HEADROOM else ""
+  memory = f"{row['hbm_needed'] / GIB:.2f} / {hbm / GIB:.1f} GiB {row['hbm_fraction']:.0%}{tight}"
+  all_reduce = row["collectives"].get("all-reduce", {}).get("bytes", 0)
+  return (f"  {name:<12}{row['compile_s']:>6.0f} s  {memory:<24}{row['flops'] / 1e12:>7.3f}"
+          f"{row['bytes_accessed'] / 1e9:>10.2f}{r['bytes_per_flop']:>8.4f}"
+          f"{all_reduce / 1e6:>9.1f} MB   {r['step_s'] * 1e3:.1f} ms {r['bound']}-bound, "
+          f"{r['images_per_s_per_chip']:.0f} img/s/chip (calibrated "
+          f"{r['calibrated_images_per_s_per_chip']:.0f}), MFU <= {r['mfu_ceiling']:.0%}")
+
+
+def _does_not_fit(step: str, needed: float, available: float, config, topo) -> str:
+  """One line: what the step needs, what a device has, what to change."""
+  return (f"The {step} step needs {needed / GIB:.2f} GiB of HBM per device; a {topo.generation} "
+          f"device has {available / GIB:.2f} GiB. "
+          f"{_advice(config, topo, step, needed / available)}")
+
+
+def _advice(config, topo, step: str, excess: float) -> str:
+  """What would fit `excess` times less memory with HEADROOM to spare: a smaller batch per
+  chip, bf16, rematerialisation, a bigger slice."""
+  shrink = excess / (1 - HEADROOM)
+  field = BATCH_FIELDS[step]
+  batch = config.batch_size if field == "batch_size" else config[field.split(".")[0]].batch_size
+  per_chip = batch / topo.chips
+  fits = 2 ** math.floor(math.log2(per_chip / shrink)) if per_chip / shrink >= 1 else 0
+  options = []
+  if fits >= topo.devices_per_chip:
+    schedule = "" if step == "eval" else "; the learning rate follows base_lr x batch / 256"
+    options.append(f"--config.{field}={fits * topo.chips} ({fits} per chip{schedule})")
+  if config.compute_dtype != "bfloat16" and step == "pretrain":
+    options.append("--config.compute_dtype=bfloat16")
+  if not config.model.remat and step != "eval":
+    options.append("--config.model.remat=True (recompute activations in the backward pass)")
+  chips = topo.chips // topo.num_slices
+  bigger = max(4, 2 ** math.ceil(math.log2(chips * shrink)))
+  options.append(f"a bigger slice: --config.compile.topology="
+                 f"{topology.cloud_name(topo.generation, bigger)}")
+  return "To fit it, use " + ", or ".join(options) + "."
+
+
+def _nbytes(tree) -> int:
+  return sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def _write(path: str, report: dict) -> None:
+  fileio.write_text(path, json.dumps(report, indent=2, default=float))
