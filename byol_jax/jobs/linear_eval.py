@@ -55,6 +55,44 @@ def _split(params):
       lambda m, n, v: m.startswith("classifier"), params)
 
 
+def make_optimizer(le, lr: float, weight_decay: float, steps: int):
+  """(optimizer, schedule): weight decay, then SGD with `le`'s momentum under a cosine
+  decay of lr x batch/256 to 0 over `steps`, read at optax's step count."""
+  schedule = optax.cosine_decay_schedule(lr * le.batch_size / 256, steps)
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(schedule, momentum=le.momentum, nesterov=le.nesterov)), schedule
+
+
+def make_update_fn(classifier, optimizer, schedule, fine_tune: bool, mesh):
+  """Jitted `update(LinearState, {image, label}) -> (LinearState, metrics)`: one step of the
+  classifier (and of the encoder when `fine_tune`), the batch sharded over `mesh`."""
+
+  def update(state: LinearState, batch):
+    images = batch["image"]
+
+    def loss_fn(trainable):
+      enc = {k: v for k, v in trainable.items() if k.startswith("encoder")} or state.encoder_params
+      head = {k: v for k, v in trainable.items() if k.startswith("classifier")}
+      logits, new_state = classifier.apply({**enc, **head}, state.encoder_state, images, True)
+      loss, hits = objectives.softmax_cross_entropy(logits, batch["label"])
+      return loss, (new_state, hits)
+
+    trainable = ({**state.head_params, **state.encoder_params} if fine_tune
+                 else state.head_params)
+    (loss, (new_state, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    enc, head = _split(trainable)
+    return LinearState(state.step + 1, enc or state.encoder_params,
+                       networks.encoder_subset(new_state), head, opt_state), dict(
+                           loss=loss, top1=hits["top1"] / batch["label"].shape[0],
+                           learning_rate=schedule(state.step))
+
+  repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
+  return jax.jit(update, in_shardings=(repl, data), out_shardings=(repl, repl),
+                 donate_argnums=0)
+
+
 def train_and_evaluate(config, pretrained, mesh, *, lr: float, weight_decay: float,
                        workdir: str, allow_changed_resume: bool = False) -> dict:
   """Trains one classifier with (lr, weight_decay) on the pretrained (params, state);
@@ -65,10 +103,7 @@ def train_and_evaluate(config, pretrained, mesh, *, lr: float, weight_decay: flo
   steps = max(1, math.floor(le.epochs * num_train * le.label_fraction / le.batch_size))
   parallel.check_batch_size(le.batch_size, mesh)
   classifier = make_classifier(config.model, num_classes, le.fine_tune)
-  schedule = optax.cosine_decay_schedule(lr * le.batch_size / 256, steps)
-  optimizer = optax.chain(
-      optax.add_decayed_weights(weight_decay),
-      optax.sgd(schedule, momentum=le.momentum, nesterov=le.nesterov))
+  optimizer, schedule = make_optimizer(le, lr, weight_decay, steps)
 
   size = config.data.image_size
 
@@ -84,32 +119,8 @@ def train_and_evaluate(config, pretrained, mesh, *, lr: float, weight_decay: flo
     return LinearState(jnp.zeros((), jnp.int32), encoder_params, encoder_state, head,
                        optimizer.init(trainable))
 
-  repl, data = parallel.replicated(mesh), parallel.batch_sharded(mesh)
-  state = jax.jit(init, out_shardings=repl)()
-
-  def update(state: LinearState, batch):
-    images = batch["image"]
-
-    def loss_fn(trainable):
-      enc = {k: v for k, v in trainable.items() if k.startswith("encoder")} or state.encoder_params
-      head = {k: v for k, v in trainable.items() if k.startswith("classifier")}
-      logits, new_state = classifier.apply({**enc, **head}, state.encoder_state, images, True)
-      loss, hits = objectives.softmax_cross_entropy(logits, batch["label"])
-      return loss, (new_state, hits)
-
-    trainable = ({**state.head_params, **state.encoder_params} if le.fine_tune
-                 else state.head_params)
-    (loss, (new_state, hits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
-    updates, opt_state = optimizer.update(grads, state.opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    enc, head = _split(trainable)
-    return LinearState(state.step + 1, enc or state.encoder_params,
-                       networks.encoder_subset(new_state), head, opt_state), dict(
-                           loss=loss, top1=hits["top1"] / batch["label"].shape[0],
-                           learning_rate=schedule(state.step))
-
-  update = jax.jit(update, in_shardings=(repl, data), out_shardings=(repl, repl),
-                   donate_argnums=0)
+  state = jax.jit(init, out_shardings=parallel.replicated(mesh))()
+  update = make_update_fn(classifier, optimizer, schedule, le.fine_tune, mesh)
 
   @jax.jit
   def predict(state: LinearState, images):
