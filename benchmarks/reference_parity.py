@@ -61,9 +61,9 @@ import tempfile
 import time
 from typing import Optional
 
-import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
-import optax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import jax
+import numpy as np
+import optax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_import  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -215,25 +215,28 @@ def _records(comparison: dict) -> dict:
           "loss_invariant_max_abs": comparison.get("loss-invariant", {})}
 
 
+def _quantiles(relative: dict) -> list:
+  """Median, 90th percentile and largest of the tensors' relative differences."""
+  values = np.asarray(list(relative.values()))
+  return [float(np.median(values)), float(np.percentile(values, 90)), float(values.max())]
+
+
 def over_target(ours: dict, itself: Optional[dict] = None):
-  """(summary, {tensor: [ours, itself]}) of the tensors above TENSOR_TOLERANCE after the last
-  update, beside the reference's own spread on each (its views one ulp up) if given."""
+  """(summary, {tensor: [ours, itself]}) after the last update: the tensors above
+  TENSOR_TOLERANCE and how the differences spread, beside the reference's own spread (its
+  views one ulp up) if given."""
   flat = lambda c: {f"{g} {k}": r for g, t in c.items() if g != "loss-invariant"
                     for k, r in t.items()}
   ours, itself = flat(ours), flat(itself) if itself else None
   over = {k: [r, itself[k] if itself else None] for k, r in ours.items()
           if r > TENSOR_TOLERANCE}
-  if not over:
-    return f"every one of {len(ours)} tensors within {TENSOR_TOLERANCE:g}", over
-  text = f"{len(over)} of {len(ours)} tensors above {TENSOR_TOLERANCE:g}"
+  spread = lambda rel: "median {:.0e}, 90th percentile {:.0e}, largest {:.1e}".format(
+      *_quantiles(rel))
+  text = (f"{len(over)} of {len(ours)} tensors above {TENSOR_TOLERANCE:g} "
+          f"({spread(ours)})")
   if itself:
-    further = {k: r / floor for k, (r, floor) in over.items() if r > floor}
-    text += (f" (the reference against itself, its views one ulp up: "
-             f"{sum(r > TENSOR_TOLERANCE for r in itself.values())})")
-    if further:
-      name = max(further, key=further.get)
-      text += (f"; {len(further)} of them further from the reference than it is from itself, "
-               f"by up to {further[name]:.1f}x ({name})")
+    text += (f"; the reference against itself, its views one ulp up: "
+             f"{sum(r > TENSOR_TOLERANCE for r in itself.values())} ({spread(itself)})")
   return text, over
 
 
@@ -319,10 +322,15 @@ _LOGS = (("BYOL loss", "byol_loss", "repr_loss"), ("probe loss", "probe_loss", "
          ("lr", "learning_rate", "learning_rate"), ("tau", "tau", "tau"))
 
 
-def _losses(logs, ref_logs, ours_is_reference=False) -> dict:
-  """{name: (relative difference, printed line)} of the losses, lr and tau."""
-  return {name: _loss_line(name, float(logs[ref if ours_is_reference else ours]),
-                           float(ref_logs[ref])) for name, ours, ref in _LOGS}
+def _as_reference_logs(metrics) -> dict:
+  return {ref: metrics[ours] for _, ours, ref in _LOGS}
+
+
+def _losses(logs, ref_logs) -> dict:
+  """{name: (relative difference, printed line)} of the losses, lr and tau; both in the
+  reference's names."""
+  return {name: _loss_line(name, float(logs[ref]), float(ref_logs[ref]))
+          for name, _, ref in _LOGS}
 
 
 def pretrain_parity(experiment, ref_state0, config, steps, batches, n):
@@ -344,7 +352,7 @@ def pretrain_parity(experiment, ref_state0, config, steps, batches, n):
     ref_logs.append(logs)
   nudged = reference_pretrain(ref_update, ref_state0, steps, map(_one_ulp_up, batches), n,
                               to_ours)
-  floors = [(_losses(logs, ref_logs[i], ours_is_reference=True), compare(groups, reference[i]))
+  floors = [(_losses(logs, ref_logs[i]), compare(groups, reference[i]))
             for i, (logs, groups, _) in enumerate(nudged)]
   state = jax.device_put(to_ours(ref_state0, steps[0]), parallel.replicated(mesh))
   update = train_step.make_update_fn(config, nets, optimizer, mesh,
@@ -358,7 +366,7 @@ def pretrain_parity(experiment, ref_state0, config, steps, batches, n):
     if counters != (step + 1, step + 1):
       raise SystemExit(f"byol_jax's step counters after global_step {step} are {counters}, "
                        f"not {step + 1}.")
-    losses = _losses(_host(logs), ref_logs[i])
+    losses = _losses(_as_reference_logs(_host(logs)), ref_logs[i])
     tensors = compare(pretrain_groups(ours), reference[i])
     print(f"{name} global_step {step}: " + ", ".join(line for _, line in losses.values())
           + f"\n    worst tensors: {_tensor_line(tensors)}"
