@@ -68,11 +68,11 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reference_import  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
-from byol_jax.configs import base  # noqa: E402  pylint: disable=g-import-not-at-top
-from byol_jax.interop import reference_checkpoint  # noqa: E402  pylint: disable=g-import-not-at-top
-from byol_jax.jobs import linear_eval  # noqa: E402  pylint: disable=g-import-not-at-top
-from byol_jax.model import networks, resnet  # noqa: E402  pylint: disable=g-import-not-at-top
-from byol_jax.train import optim, parallel, train_step  # noqa: E402  pylint: disable=g-import-not-at-top
+from byol_jax.configs import base  # noqa: E402
+from byol_jax.interop import reference_checkpoint  # noqa: E402
+from byol_jax.jobs import linear_eval  # noqa: E402
+from byol_jax.model import networks, resnet  # noqa: E402
+from byol_jax.train import optim, parallel, train_step  # noqa: E402
 
 LOSS_TOLERANCE = 1e-5
 TENSOR_TOLERANCE = 1e-4
@@ -279,7 +279,8 @@ def reference_update(experiment):
   """The reference's `_update_fn` under `jax.pmap(axis_name="i")`, as its `update_pmap`, but
   with the old state's buffers donated: 8 replicas of ResNet-50's state twice over would not
   fit a small machine."""
-  return jax.pmap(experiment._update_fn, axis_name="i", donate_argnums=0)  # pylint: disable=protected-access
+  update = experiment._update_fn  # pylint: disable=protected-access
+  return jax.pmap(update, axis_name="i", donate_argnums=0)
 
 
 def reference_pretrain(update, ref_state0, steps, batches, n, to_ours):
@@ -430,7 +431,8 @@ def linear_eval_parity(experiment, ref_cfg, model_config, encoder, batches, n):
         groups({"classifier": ref_head},
                {"classifier": dict(*optax.tree_utils.tree_get(ref.classif_opt_state,
                                                               "trace").values())}, ref_bn))
-    rel, line = _loss_line("loss", float(_host(logs)["loss"]), float(_first(ref_logs)["train_loss"]))
+    rel, line = _loss_line("loss", float(_host(logs)["loss"]),
+                           float(_first(ref_logs)["train_loss"]))
     print(f"[linear_eval, {n} device(s)] step {step}: {line}\n    worst tensors: "
           f"{_tensor_line(tensors)}", flush=True)
     records.append(dict(step=step, losses={"loss": rel}, tensors=_records(tensors)))
@@ -504,11 +506,11 @@ def main(argv=None):
     with open(args.json, "w") as f:
       json.dump(figures, f)
     return figures
-  start = time.perf_counter(), os.times()
-  print(f"reference: {args.reference_dir} (commit {reference_import.revision(args.reference_dir)})"
-        f"; jax {jax.__version__}, float32 on the CPU", flush=True)
+  start, commit = (time.perf_counter(), os.times()), reference_import.revision(args.reference_dir)
+  print(f"reference: {args.reference_dir} (commit {commit}); jax {jax.__version__}, float32 on "
+        "the CPU", flush=True)
   runs, settings = {}, dict(
-      reference_commit=reference_import.revision(args.reference_dir), jax_version=jax.__version__,
+      reference_commit=commit, jax_version=jax.__version__,
       image_size=args.image_size, batch_size=args.batch_size, devices=args.devices,
       num_epochs=args.num_epochs, load_average_1min_start=os.getloadavg()[0])
   for n in args.devices:
@@ -532,7 +534,8 @@ def main(argv=None):
                   cpu_s=end.children_user + end.children_system
                   - start[1].children_user - start[1].children_system,
                   load_average_1min_end=os.getloadavg()[0],
-                  peak_host_memory_mib=resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+                  peak_host_memory_mib=resource.getrusage(
+                      resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
   figures = dict(settings=settings, runs=runs, **verdict(runs),
                  tolerances=dict(loss=LOSS_TOLERANCE, tensor=TENSOR_TOLERANCE))
   for run, records in runs.items():

@@ -28,7 +28,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from byol_jax.configs import base as base_config  # noqa: E402
-from byol_jax.interop import export, reference_checkpoint, reference_pickle, torch_resnet  # noqa: E402
+from byol_jax.interop import (  # noqa: E402
+    export, reference_checkpoint, reference_pickle, torch_resnet)
 from byol_jax.jobs import export as export_job  # noqa: E402
 from byol_jax.jobs import import_reference  # noqa: E402
 from byol_jax.model import networks  # noqa: E402
