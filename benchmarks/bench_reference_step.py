@@ -1,15 +1,10 @@
 r"""Speed of DeepMind's reference BYOL update step, timed the way bench_step.py times ours.
 
-The reference (github.com/google-deepmind/deepmind-research, folder byol/) is not
-part of byol_jax and is not copied here: point --reference_dir at a checkout of
-that repository (the folder that holds byol/). Its update step (colour
-augmentation, two online and two target forwards, backward, LARS, EMA; the crop
-is on the host there, as in our `views` path) runs unchanged on the current jax
-after shims that touch none of its maths:
-
-* `jax.tree_map`, removed from jax, is set to `jax.tree.map`;
-* `acme.jax.utils` (imported for the input pipeline's prefetch) and `dill` (for
-  its checkpoints), neither used here, are empty modules when not installed.
+The reference (github.com/google-deepmind/deepmind-research, folder byol/) is
+read from the checkout --reference_dir names (`reference_import.py`: its shims
+for today's jax). Its update step (colour augmentation, two online and two
+target forwards, backward, LARS, EMA; the crop is on the host there, as in our
+`views` path) runs unchanged.
 
 The step is fed a fixed random batch of float views in [0, 1] (what the
 reference's tf.data pipeline yields) through its own `jax.pmap`, on the local
@@ -24,17 +19,14 @@ both views, jitted). Compare with
 """
 
 import argparse
-import importlib
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
-import types
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_step  # pylint: disable=g-import-not-at-top,wrong-import-position
+import reference_import  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def parse_args(argv):
@@ -53,51 +45,16 @@ def parse_args(argv):
   return parser.parse_args(argv)
 
 
-def _empty_module(dotted: str) -> None:
-  """Registers `dotted` and its parents as empty modules."""
-  parent = None
-  parts = dotted.split(".")
-  for i in range(len(parts)):
-    name = ".".join(parts[:i + 1])
-    module = sys.modules.setdefault(name, types.ModuleType(name))
-    if parent is not None:
-      setattr(parent, parts[i], module)
-    parent = module
-
-
-def import_reference(reference_dir: str):
-  """The reference's experiment, config and augmentation modules, with the shims."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if not os.path.isfile(os.path.join(reference_dir, "byol", "byol_experiment.py")):
-    raise SystemExit(f"--reference_dir={reference_dir} has no byol/byol_experiment.py: give the "
-                     "deepmind-research checkout, the folder that holds byol/.")
-  if not hasattr(jax, "tree_map"):
-    jax.tree_map = jax.tree.map
-  for name in ("acme.jax.utils", "dill"):
-    try:
-      importlib.import_module(name)
-    except ImportError:
-      _empty_module(name)
-  sys.path.insert(0, os.path.abspath(reference_dir))
-  from byol import byol_experiment  # pylint: disable=g-import-not-at-top
-  from byol.configs import byol as byol_config  # pylint: disable=g-import-not-at-top
-  from byol.utils import augmentations  # pylint: disable=g-import-not-at-top
-  return byol_experiment, byol_config, augmentations
-
-
 def main(argv=None):
   args = parse_args(argv)
-  byol_experiment, byol_config, augmentations = import_reference(args.reference_dir)
+  byol_experiment, byol_config, augmentations = reference_import.import_reference(
+      args.reference_dir, "byol_experiment", "configs.byol", "utils.augmentations")
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   config = byol_config.get_config(args.num_epochs, args.batch_size)
   config["network_config"]["encoder_class"] = args.encoder
-  # Its Checkpointer makes this folder; nothing is written there.
-  checkpoint_dir = tempfile.mkdtemp(prefix="byol_ref_")
-  config["checkpointing_config"]["checkpoint_dir"] = checkpoint_dir
-  experiment = byol_experiment.ByolExperiment(**config)
-  shutil.rmtree(checkpoint_dir, ignore_errors=True)
+  experiment = reference_import.build(byol_experiment.ByolExperiment, config)
 
   n = jax.local_device_count()
   if args.batch_size % n:

@@ -358,3 +358,295 @@ def test_accelerator_run_plans_the_largest_batch_from_xla_memory():
   assert batch % 64 == 0
   assert batch == (80 * 1024 * run.MEMORY_HEADROOM - 2048) // 50 // 64 * 64
   assert run.largest_batch({"batch_size": 8}) == 16  # no memory figures: double
+
+
+# ----------------------------------------------------------------------------
+# reference_parity.py
+# ----------------------------------------------------------------------------
+
+# A stand-in for deepmind-research's byol/ with the interface reference_parity.py uses:
+# configs/byol.py and configs/eval.py, ByolExperiment and EvalExperiment under jax.pmap, the
+# augmentations.postprocess above (noise: it must be bypassed), and a BYOL step written from
+# the paper's definition in the reference's layout: a ResNet-18 torso of Haiku block groups
+# (4 stem channels; shortcuts where byol_jax's ResNet-18 has them, for a fast test), MLP heads
+# with Haiku's default names, cross-replica BatchNorm, LARS as decay -> trust ratio ->
+# momentum -> lr without biases and norms, the EMA after the update.
+_PARITY_STAND_IN = {
+    **{k: v for k, v in _STAND_IN.items() if k.endswith(("__init__.py", "augmentations.py"))},
+    "byol/configs/byol.py": """
+def get_config(num_epochs, batch_size):
+  return dict(
+      random_seed=0, num_classes=10, batch_size=batch_size, base_target_ema=0.99,
+      max_steps=num_epochs * 64 // batch_size,
+      network_config=dict(
+          projector_hidden_size=32, projector_output_size=16, predictor_hidden_size=32,
+          encoder_class="ResNet18", encoder_config=dict(resnet_v2=False, width_multiplier=1),
+          bn_config=dict(decay_rate=0.9, eps=1e-5, cross_replica_axis="i", create_scale=True,
+                         create_offset=True)),
+      optimizer_config=dict(weight_decay=1e-3, eta=1e-3, momentum=0.9),
+      lr_schedule_config=dict(base_learning_rate=0.3, warmup_steps=10 * 64 // batch_size),
+      checkpointing_config=dict(checkpoint_dir="/nonexistent"))
+""",
+    "byol/configs/eval.py": """
+def get_config(checkpoint_to_evaluate, batch_size):
+  return dict(
+      random_seed=0, num_classes=10, batch_size=batch_size, max_steps=80 * 64 // batch_size,
+      network_config=dict(encoder_class="ResNet50", encoder_config={}, bn_decay_rate=0.9),
+      optimizer_config=dict(momentum=0.9, nesterov=True),
+      lr_schedule_config=dict(base_learning_rate=0.2, warmup_steps=0),
+      checkpointing_config=dict(checkpoint_dir="/nonexistent"))
+""",
+    "byol/utils/networks.py": """
+import haiku as hk
+import jax
+import jax.numpy as jnp
+
+class ResNet18(hk.Module):  # its modules made in __init__, hence "res_net18/~/..."
+  def __init__(self, num_classes=None, bn_config=None, resnet_v2=False, width_multiplier=1):
+    super().__init__()
+    bn = dict(dict(decay_rate=0.9, eps=1e-5, create_scale=True, create_offset=True),
+              **bn_config)
+    self.conv = hk.Conv2D(4 * width_multiplier, 7, stride=2, with_bias=False,
+                          name="initial_conv")
+    self.bn = hk.BatchNorm(name="initial_batchnorm", **bn)
+    self.groups = [hk.nets.ResNet.BlockGroup(
+        channels=4 * width_multiplier * 2**i, num_blocks=2, stride=(1, 2, 2, 2)[i],
+        bn_config=bn, resnet_v2=False, bottleneck=False, use_projection=i > 0,
+        name=f"block_group_{i}") for i in range(4)]
+
+  def __call__(self, x, is_training):
+    x = (x - jnp.array([0.485, 0.456, 0.406])) / jnp.array([0.229, 0.224, 0.225])
+    x = jax.nn.relu(self.bn(self.conv(x), is_training))
+    x = hk.max_pool(x, window_shape=(1, 3, 3, 1), strides=(1, 2, 2, 1), padding="SAME")
+    for group in self.groups:
+      x = group(x, is_training, False)
+    return jnp.mean(x, axis=(1, 2))
+
+class MLP(hk.Module):
+  def __init__(self, name, hidden_size, output_size, bn_config):
+    super().__init__(name=name)
+    self.hidden, self.output, self.bn = hidden_size, output_size, bn_config
+
+  def __call__(self, x, is_training):
+    x = hk.BatchNorm(**self.bn)(hk.Linear(self.hidden)(x), is_training)
+    return hk.Linear(self.output, with_bias=False)(jax.nn.relu(x))
+
+def cosine(step, total, peak):
+  return peak * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(step, total) / total))
+
+def cross_entropy(logits, labels, num_classes):
+  return -jnp.mean(jnp.sum(jax.nn.one_hot(labels, num_classes) * jax.nn.log_softmax(logits), -1))
+""",
+    "byol/byol_experiment.py": """
+import collections
+from acme.jax import utils as acme_utils
+import dill
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import optax
+from byol.utils import augmentations, networks
+
+_ByolExperimentState = collections.namedtuple(
+    "_ByolExperimentState", "online_params target_params online_state target_state opt_state")
+ScaleByLarsState = collections.namedtuple("ScaleByLarsState", "mu")
+EmptyState = collections.namedtuple("EmptyState", "")
+
+class ByolExperiment:
+  def __init__(self, random_seed, num_classes, batch_size, max_steps, base_target_ema,
+               network_config, optimizer_config, lr_schedule_config, checkpointing_config):
+    assert checkpointing_config["checkpoint_dir"] != "/nonexistent"
+    self.num_classes, self.max_steps, self.base_ema = num_classes, max_steps, base_target_ema
+    self.peak_lr = lr_schedule_config["base_learning_rate"] * batch_size / 256
+    self.warmup = lr_schedule_config["warmup_steps"]
+    self.opt, self.net = optimizer_config, network_config
+    self.forward = hk.without_apply_rng(hk.transform_with_state(self._forward))
+    self.update_pmap = jax.pmap(self._update_fn, axis_name="i")
+
+  def _forward(self, inputs, is_training):
+    c = self.net
+    net = getattr(networks, c["encoder_class"])(bn_config=c["bn_config"], **c["encoder_config"])
+    projector = networks.MLP("projector", c["projector_hidden_size"],
+                             c["projector_output_size"], c["bn_config"])
+    predictor = networks.MLP("predictor", c["predictor_hidden_size"],
+                             c["projector_output_size"], c["bn_config"])
+    classifier = hk.Linear(self.num_classes, name="classifier")
+    def once(images):
+      embedding = net(images, is_training)
+      projection = projector(embedding, is_training)
+      return dict(projection=projection, prediction=predictor(projection, is_training),
+                  logits=classifier(jax.lax.stop_gradient(embedding)))
+    return once(inputs["view1"]), once(inputs["view2"])
+
+  def _make_initial_state(self, rng, dummy_input):
+    online_rng, target_rng = jax.random.split(rng)
+    online_params, online_state = self.forward.init(online_rng, dummy_input, True)
+    target_params, target_state = self.forward.init(target_rng, dummy_input, True)
+    mu = jax.tree.map(jnp.zeros_like, online_params)
+    return _ByolExperimentState(online_params, target_params, online_state, target_state,
+                                (EmptyState(), ScaleByLarsState(mu), EmptyState()))
+
+  def loss_fn(self, online_params, target_params, online_state, target_state, rng, inputs):
+    inputs = augmentations.postprocess(inputs, rng)
+    online, online_state = self.forward.apply(online_params, online_state, inputs, True)
+    target, target_state = self.forward.apply(target_params, target_state, inputs, True)
+    normed = lambda x: x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, -1, keepdims=True), 1e-12))
+    regression = lambda p, z: jnp.sum((normed(p) - normed(jax.lax.stop_gradient(z))) ** 2, -1)
+    repr_loss = jnp.mean(regression(online[0]["prediction"], target[1]["projection"])
+                         + regression(online[1]["prediction"], target[0]["projection"]))
+    classif_loss = networks.cross_entropy(online[0]["logits"], inputs["labels"], self.num_classes)
+    return repr_loss + classif_loss, (online_state, target_state,
+                                      dict(repr_loss=repr_loss, classif_loss=classif_loss))
+
+  def _lars(self, grads, params, mu, lr):
+    opt, new_mu, updated = self.opt, {}, {}
+    for module in params:
+      new_mu[module], updated[module] = {}, {}
+      for name, p in params[module].items():
+        g = grads[module][name]
+        if name != "b" and "norm" not in module:
+          g = g + opt["weight_decay"] * p
+          p_norm, g_norm = jnp.linalg.norm(p), jnp.linalg.norm(g)
+          g = g * jnp.where((p_norm > 0) & (g_norm > 0), opt["eta"] * p_norm / g_norm, 1.0)
+        new_mu[module][name] = opt["momentum"] * mu[module][name] + g
+        updated[module][name] = p - lr * new_mu[module][name]
+    return updated, new_mu
+
+  def _update_fn(self, state, global_step, rng, inputs):
+    grads, (online_state, target_state, logs) = jax.grad(self.loss_fn, has_aux=True)(
+        state.online_params, state.target_params, state.online_state, state.target_state, rng,
+        inputs)
+    grads = jax.tree_map(lambda g: jax.lax.pmean(g, "i"), grads)
+    logs = jax.tree_map(lambda x: jax.lax.pmean(x, "i"), logs)
+    step = global_step.astype(jnp.float32)
+    lr = jnp.where(step < self.warmup, step / self.warmup * self.peak_lr,
+                   networks.cosine(step - self.warmup, self.max_steps - self.warmup,
+                                   self.peak_lr))
+    tau = 1 - (1 - self.base_ema) * networks.cosine(step, self.max_steps, 1.0)
+    online_params, mu = self._lars(grads, state.online_params, state.opt_state[1].mu, lr)
+    ema_source = online_params
+    target_params = jax.tree_map(lambda t, o: t + (1 - tau) * (o - t), state.target_params,
+                                 ema_source)
+    return _ByolExperimentState(
+        online_params, target_params, online_state, target_state,
+        (EmptyState(), ScaleByLarsState(mu), EmptyState())), dict(
+            logs, learning_rate=lr, tau=tau)
+""",
+    "byol/eval_experiment.py": """
+import collections
+import haiku as hk
+import jax
+import optax
+from byol.utils import networks
+
+_EvalExperimentState = collections.namedtuple(
+    "_EvalExperimentState",
+    "backbone_params classif_params backbone_state backbone_opt_state classif_opt_state")
+
+class EvalExperiment:
+  def __init__(self, random_seed, num_classes, batch_size, max_steps, network_config,
+               optimizer_config, lr_schedule_config, checkpointing_config):
+    assert checkpointing_config["checkpoint_dir"] != "/nonexistent"
+    self.num_classes, self.max_steps, self.opt = num_classes, max_steps, optimizer_config
+    self.peak_lr = lr_schedule_config["base_learning_rate"] * batch_size / 256
+    bn = dict(decay_rate=network_config["bn_decay_rate"])
+    encoder = getattr(networks, network_config["encoder_class"])
+    self.backbone = hk.without_apply_rng(hk.transform_with_state(
+        lambda inputs, is_training: encoder(None, bn, **network_config["encoder_config"])(
+            inputs["images"], is_training)))
+    self.classif = hk.without_apply_rng(hk.transform(lambda x: hk.Linear(num_classes)(x)))
+    self.update_pmap = jax.pmap(self._update_func, axis_name="i")
+
+  def _make_initial_state(self, rng, dummy_input, backbone_params, backbone_state):
+    embeddings, _ = self.backbone.apply(backbone_params, backbone_state, dummy_input, True)
+    classif_params = self.classif.init(rng, embeddings)
+    sgd = optax.sgd(0.0, **self.opt)
+    return _EvalExperimentState(backbone_params, classif_params, backbone_state,
+                                sgd.init(backbone_params), sgd.init(classif_params))
+
+  def _update_func(self, state, global_step, inputs):
+    def loss_fn(classif_params):
+      embeddings, _ = self.backbone.apply(state.backbone_params, state.backbone_state, inputs,
+                                          False)
+      loss = networks.cross_entropy(self.classif.apply(classif_params, embeddings),
+                                    inputs["labels"], self.num_classes)
+      return loss / jax.device_count(), loss
+    grads, loss = jax.grad(loss_fn, has_aux=True)(state.classif_params)
+    grads = jax.lax.psum(grads, "i")
+    lr = networks.cosine(global_step, self.max_steps, self.peak_lr)
+    updates, opt_state = optax.sgd(lr, **self.opt).update(grads, state.classif_opt_state)
+    return state._replace(classif_params=optax.apply_updates(state.classif_params, updates),
+                          classif_opt_state=opt_state), dict(
+                              train_loss=jax.lax.pmean(loss, "i"))
+""",
+}
+PARITY_ARGS = ("--image_size=16", "--batch_size=8")
+
+
+def _write_parity_stand_in(folder, edit=lambda name, text: text):
+  for name, text in _PARITY_STAND_IN.items():
+    (folder / name).parent.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(edit(name, text))
+
+
+def _parity(folder, devices, steps):
+  """reference_parity.py on the stand-in in `folder`: (exit status, stdout, figures)."""
+  path = folder / "parity.json"
+  result = subprocess.run([sys.executable, os.path.join(BENCH, "reference_parity.py"),
+                           f"--reference_dir={folder}", *PARITY_ARGS, f"--devices={devices}",
+                           f"--steps={steps}", f"--json={path}"],
+                          capture_output=True, text=True, timeout=900,
+                          cwd=REPO, env=_env())
+  assert result.returncode in (0, 1) and path.exists(), (result.stdout[-3000:] +
+                                                         result.stderr[-3000:])
+  return result.returncode, result.stdout, json.loads(path.read_text())
+
+
+def test_reference_parity_of_a_faithful_reference_on_two_devices(tmp_path):
+  """The step and the linear-evaluation step of a faithful stand-in match byol_jax's:
+  losses to the script's 1e-5, every tensor to float32 rounding. (Rounding alone reaches
+  ~1e-4 in some gradient sums of this 4-channel net, as far as the stand-in moves from
+  itself when its views move one ulp, so tensors are held to 1e-3 here.)"""
+  _write_parity_stand_in(tmp_path)
+  _, stdout, figures = _parity(tmp_path, devices=2, steps=2)
+  assert figures["losses_passed"] and figures["worst_tensor_relative"] <= 1e-3, stdout
+  assert figures["settings"]["steps"] == [78, 79] and figures["settings"]["warmup_steps"] == 80
+  assert set(figures["runs"]) == {"pretrain, 2 device(s)", "linear_eval, 2 device(s)"}
+  pretrain, linear = figures["runs"]["pretrain, 2 device(s)"], figures["runs"][
+      "linear_eval, 2 device(s)"]
+  assert len(pretrain) == len(linear) == 2
+  assert set(pretrain[-1]["tensors"]["worst"]) == {"online params", "target params",
+                                                   "BN statistics", "LARS momentum"}
+  assert set(pretrain[-1]["losses"]) == {"BYOL loss", "probe loss", "lr", "tau"}
+  # The biases feeding BatchNorm hold float rounding only, in both.
+  sizes = pretrain[-1]["tensors"]["loss_invariant_max_abs"]
+  assert "LARS momentum predictor/linear1/b" in sizes and max(map(max, sizes.values())) < 1e-5
+  assert set(linear[-1]["tensors"]["worst"]) == {"classifier", "momentum",
+                                                 "encoder BN statistics"}
+  for line in ("[pretrain, 2 device(s)] global_step 79: BYOL loss",
+               "the reference against itself, its views one ulp up: BYOL loss",
+               "[linear_eval, 2 device(s)] step 1: loss", "worst tensors: online params"):
+    assert line in stdout, line
+
+
+def test_reference_parity_names_the_tensor_a_wrong_step_breaks(tmp_path):
+  """A stand-in whose EMA reads the online parameters before their update: after the first
+  update only the target differs (the online step has not read it yet), and the script
+  names a target tensor and fails."""
+  _write_parity_stand_in(tmp_path, lambda name, text: text.replace(
+      "ema_source = online_params", "ema_source = state.online_params"))
+  returncode, stdout, figures = _parity(tmp_path, devices=1, steps=1)
+  assert returncode == 1 and stdout.strip().splitlines()[-1].startswith("FAIL: ")
+  first = figures["runs"]["pretrain, 1 device(s)"][0]["tensors"]["worst"]
+  assert first["target params"]["relative"] > 1e-2
+  assert re.match(r"(encoder|projector)/", first["target params"]["tensor"])
+  assert first["online params"]["relative"] < 1e-3 and first["LARS momentum"]["relative"] < 1e-3
+  assert not figures["tensors_passed"]
+
+
+def test_reference_parity_names_a_batch_that_does_not_split(tmp_path):
+  result = subprocess.run([sys.executable, os.path.join(BENCH, "reference_parity.py"),
+                           f"--reference_dir={tmp_path}", "--batch_size=12", "--devices=1,8"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
+  assert result.returncode != 0
+  assert "--batch_size=12 does not split over 8 devices" in result.stderr

@@ -22,16 +22,18 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 torch = pytest.importorskip("torch")
 
 from byol_jax.configs import base as base_config  # noqa: E402
-from byol_jax.interop import export, reference_checkpoint, torch_resnet  # noqa: E402
+from byol_jax.interop import (  # noqa: E402
+    export, reference_checkpoint, reference_pickle, torch_resnet)
 from byol_jax.jobs import export as export_job  # noqa: E402
 from byol_jax.jobs import import_reference  # noqa: E402
 from byol_jax.model import networks  # noqa: E402
-from byol_jax.train import checkpoint, parallel  # noqa: E402
+from byol_jax.train import checkpoint, optim, parallel, train_step  # noqa: E402
 from tests.test_export import random_init, torch_eval  # noqa: E402
 
 BATCH = 2
@@ -281,6 +283,46 @@ def test_job_writes_a_checkpoint_that_load_pretrained_reads(tmp_path, monkeypatc
     import_reference.run(config, workdir, mesh)
 
 
+def test_the_whole_state_imports_with_its_step(narrow_file):
+  """`to_train_state` reads a released file's whole state: both networks, the LARS momentum
+  (the file's `mu`) and the step, which lands where each schedule reads it."""
+  path = narrow_file()
+  data = reference_pickle.load(path)
+  mc = model_config(base=16)
+  optimizer = optim.make_optimizer(base_config.get_base_config())
+  state = reference_checkpoint.to_train_state(data["experiment_state"], data["step"], mc,
+                                              optimizer, rng=data["rng"])
+  assert int(state.step) == 4321 == int(optax.tree_utils.tree_get(state.opt_state, "count"))
+  counter = state.online_state["encoder/layer2_0/bn3/bn/~/mean_ema"]["counter"]
+  assert counter.dtype == np.int32 and counter == 17  # each leaf keeps its own dtype
+  np.testing.assert_array_equal(state.rng, [0, 42])
+  online = reference_checkpoint.import_file(path, mc)
+  # The file's target is its online network, its momentum the online params: the target's
+  # predictor and classifier, which the reference's loss never reads, are left out.
+  assert {m.split("/")[0] for m in state.target_params} == {"encoder", "projector"}
+  jax.tree.map(np.testing.assert_array_equal,
+               (state.online_params, state.online_state, optim.lars_momentum(state.opt_state),
+                state.target_params, state.target_state),
+               (online.params, online.state, online.params,
+                networks.target_subset(online.params), networks.target_subset(online.state)))
+
+
+def test_states_the_other_side_cannot_hold_are_named(narrow_file):
+  es = reference_pickle.load(narrow_file())["experiment_state"]
+  no_lars = reference_pickle.EXPERIMENT_STATE(*es[:4], (es.opt_state[0],))
+  with pytest.raises(ValueError, match=r"opt_state holds no ScaleByLarsState"):
+    reference_checkpoint.to_train_state(no_lars, 0, model_config(base=16), None, rng=[0, 0])
+  group_norm = train_step.TrainState(
+      step=0, rng=None, online_params={"encoder/bn1/gn": {"scale": np.ones(4)}},
+      online_state={}, target_params={}, target_state={},
+      opt_state=optax.TraceState(trace={}))
+  with pytest.raises(ValueError) as err:
+    reference_checkpoint.from_train_state(group_norm, model_config())
+  assert str(err.value) == (
+      "byol_jax's online params hold encoder/bn1/gn, which the reference's network has no "
+      "place for: it builds BatchNorm ResNets with the ImageNet stem.")
+
+
 # --------------------------------------------------------------------------- #
 # Refusals
 # --------------------------------------------------------------------------- #
@@ -324,7 +366,7 @@ def test_object_arrays_are_refused(tmp_path):
   path.write_bytes(pickle.dumps(dict(experiment_state=np.array([None, 1], dtype=object)),
                                 protocol=2))
   with pytest.raises(ValueError, match=r"Refusing an array of dtype object"):
-    reference_checkpoint.load(str(path))
+    reference_pickle.load(str(path))
 
 
 @pytest.fixture
@@ -374,4 +416,4 @@ def test_plain_containers_of_protocol_2_load(tmp_path):
   data = dict(experiment_state=(b"", b"\x00\xff", {1, 2}, frozenset({3}), bytearray(b"x"),
                                 1 + 2j, np.float32(1.5), collections.OrderedDict(a=1)))
   (tmp_path / "plain.pkl").write_bytes(pickle.dumps(data, protocol=2))
-  assert reference_checkpoint.load(str(tmp_path / "plain.pkl")) == data
+  assert reference_pickle.load(str(tmp_path / "plain.pkl")) == data

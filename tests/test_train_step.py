@@ -343,3 +343,34 @@ def test_check_batch_size():
   with pytest.raises(ValueError) as err:
     parallel.check_batch_size(16, _mesh(3))
   assert "16" in str(err.value) and "3 devices" in str(err.value)
+
+
+# --- (h) the reference's layout and back -------------------------------------
+
+def test_a_state_mapped_to_the_reference_and_back_steps_as_its_own(base, first_step):
+  """byol_jax's state after a step (non-zero momentum, target apart from online, moved BN
+  statistics, step 1), written in the reference's layout (`from_train_state`) and read back
+  (`to_train_state`, as reference_parity.py reads the reference's), is bit-identical, and its
+  next step equals the original's: the mapping neither loses nor transposes a tensor, and
+  carries the step to both counters the schedules read."""
+  from byol_jax.interop import reference_checkpoint  # pylint: disable=g-import-not-at-top
+  setup = _setup(tiny.tiny_config(**{"model.padding": "haiku_same"}), with_state=False)
+  (state1,), _ = _run(setup, [first_step[0]], state=base.state0)
+  model = setup.config.model
+  reference = reference_checkpoint.from_train_state(state1, model)
+  assert "res_net18/~/block_group_1/~/block_0/~/shortcut_batchnorm/~/var_ema" in (
+      reference.target_state)
+  assert set(reference.opt_state[1].mu) == set(reference.online_params)
+  back = reference_checkpoint.to_train_state(reference, int(state1.step), model,
+                                             setup.optimizer, rng=state1.rng)
+  assert jax.tree.structure(back) == jax.tree.structure(state1)
+  for (path, a), b in zip(_leaves(back), jax.tree.leaves(state1)):
+    assert a.dtype == b.dtype, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  batch = tiny.random_batch(setup.config, seed=1)
+  (ours,), (m_ours,) = _run(setup, [batch], state=state1)
+  (mapped,), (m_mapped,) = _run(setup, [batch], state=back)
+  assert m_mapped == m_ours
+  for (path, a), b in zip(_leaves(mapped), jax.tree.leaves(ours)):
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+  assert int(mapped.step) == 2

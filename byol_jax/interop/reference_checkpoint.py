@@ -1,189 +1,87 @@
-"""DeepMind's released BYOL checkpoints (deepmind-research/byol) as byol_jax parameters.
-
-The reference saves `dict(experiment_state=_ByolExperimentState(online_params,
-target_params, online_state, target_state, opt_state), step=..., rng=...)` with
-dill at pickle protocol 2, after `jax.device_get`: numpy arrays inside Haiku's
-mapping type of the time (`FlatMapping`, `frozendict` before it, `FlatMap`
-after). dill writes NamedTuple classes as calls of `dill._dill._create_namedtuple`
-(and, in some processes, arrays through `dill._dill._create_array`).
-
-`load` reads such a file with an unpickler that admits only these containers,
-as plain stand-ins (nothing of dill, Haiku, optax or the reference is imported),
-and numpy's array reconstruction. Any other global is refused before it is
-looked up, so a file cannot make the load run code.
+"""DeepMind's BYOL state (deepmind-research/byol) <-> byol_jax's, and its released files.
 
 `to_byol_jax` renames the reference's modules (hk.nets.ResNet's names under
 `res_net50`, `res_net200`, ...; its MLPs `projector` and `predictor`; the online
 `classifier`, which becomes byol_jax's `probe`) and checks every shape against
 byol_jax's network. hk.nets.ResNet's bottleneck blocks (v1, stride on the 3x3,
 a projection shortcut in every stage's first block) are byol_jax's; its "SAME"
-padding needs `model.padding="haiku_same"`.
+padding needs `model.padding="haiku_same"`. `to_train_state` maps the whole
+experiment state (both networks, BatchNorm statistics, LARS momentum, step)
+with the same names, `from_train_state` back. `import_file` reads a released
+file through `reference_pickle.load`, which runs no code from it.
 """
 
-import builtins
-import os
-import pickle
 import re
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byol_jax.interop import reference_pickle
 from byol_jax.model import networks
+from byol_jax.train import optim
+from byol_jax.train.train_step import TrainState
 
 ENCODER = "encoder"
-# Imported when the file has them; the encoder always must be there.
-_OPTIONAL = ("projector", "predictor", "probe")
-_RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]   # numpy's array reconstruction
-_SCALAR = np.float32(0).__reduce__()[0]          # numpy's scalar reconstruction
 
 
 # --------------------------------------------------------------------------- #
-# The restricted unpickler
+# Module names: hk.nets.ResNet and the reference's MLPs <-> byol_jax
 # --------------------------------------------------------------------------- #
 
-
-class _Record(tuple):
-  """Stand-in for a pickled NamedTuple: its values in order, fields by name if known."""
-  _fields: Tuple[str, ...] = ()
-
-  def __new__(cls, *values):
-    return tuple.__new__(cls, values)
-
-  def __getattr__(self, name):
-    if name in type(self)._fields:
-      return self[type(self)._fields.index(name)]
-    raise AttributeError(name)
-
-
-def _record_type(name, fields=(), module=None) -> type:
-  """A `_Record` class; also stands in for dill's `_create_namedtuple(name, fields, module)`."""
-  del module  # never imported
-  if not isinstance(name, str) or not all(isinstance(f, str) for f in fields):
-    raise pickle.UnpicklingError(f"Malformed NamedTuple {name!r} {fields!r} in the pickle.")
-  return type(name, (_Record,), {"_fields": tuple(fields)})
-
-
-def _dtype(*args) -> np.dtype:
-  dtype = np.dtype(*args)
-  if dtype.hasobject:  # object arrays would hold arbitrary pickled objects
-    raise pickle.UnpicklingError(f"Refusing an array of dtype {dtype}: checkpoints hold numbers.")
-  return dtype
-
-
-def _scalar(dtype, *data):
-  return _SCALAR(_dtype(dtype), *data)
-
-
-def _latin1(text, encoding="latin1") -> bytes:
-  """Protocol 2 writes bytes as `_codecs.encode(text, "latin1")`."""
-  if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-    raise pickle.UnpicklingError(f"Refusing _codecs.encode({type(text).__name__}, {encoding!r}).")
-  return text.encode("latin1")
-
-
-def _dill_array(reconstruct, args, state, npdict=None) -> np.ndarray:
-  """dill's `_create_array`: numpy's reconstruction, then its state; no subclass attributes."""
-  if reconstruct is not _RECONSTRUCT or npdict:
-    raise pickle.UnpicklingError("Refusing a dill array that is not a plain numpy array.")
-  array = _RECONSTRUCT(*args)
-  array.__setstate__(state)
-  return array
-
-
-_EXPERIMENT_STATE = _record_type(
-    "_ByolExperimentState",
-    ("online_params", "target_params", "online_state", "target_state", "opt_state"))
-
-_NUMPY_MULTIARRAY = ("numpy.core.multiarray", "numpy._core.multiarray")  # numpy 1.x, 2.x
-_ADMITTED = {
-    **{(m, "_reconstruct"): _RECONSTRUCT for m in _NUMPY_MULTIARRAY},
-    **{(m, "scalar"): _scalar for m in _NUMPY_MULTIARRAY},
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): _dtype,
-    ("_codecs", "encode"): _latin1,
-    **{("builtins", n): getattr(builtins, n)
-       for n in ("bytes", "bytearray", "complex", "dict", "frozenset", "list", "set", "tuple")},
-    ("collections", "OrderedDict"): dict,
-    **{("haiku._src.data_structures", n): dict for n in ("FlatMapping", "FlatMap", "frozendict")},
-    ("dill._dill", "_create_namedtuple"): _record_type,
-    ("dill._dill", "_create_array"): _dill_array,
-    ("byol.byol_experiment", "_ByolExperimentState"): _EXPERIMENT_STATE,
-}
-
-
-class _Unpickler(pickle.Unpickler):
-  """Admits the globals in `_ADMITTED` and the reference's / optax's state NamedTuples."""
-
-  def find_class(self, module, name):
-    # Overriding find_class skips pickle's own renaming of Python 2 names (protocol 2).
-    module = "builtins" if module == "__builtin__" else module
-    if (module, name) in _ADMITTED:
-      return _ADMITTED[(module, name)]
-    # Optimizer states (byol.utils.optimizers.ScaleByLarsState, optax's ...State):
-    # positional records, never used here.
-    if module.split(".")[0] in ("byol", "optax") and name.endswith("State"):
-      return _record_type(name)
-    raise pickle.UnpicklingError(
-        f"Refusing to load the pickled global {module}.{name}: a BYOL checkpoint holds only "
-        "numpy arrays in containers, so this file is not one (or has been tampered with).")
-
-
-def load(path: str) -> Dict[str, Any]:
-  """The whole checkpoint: {"experiment_state": record, "step": int, "rng": array}."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No file {path}: download a released checkpoint first, e.g. "
-                            "https://storage.googleapis.com/deepmind-byol/checkpoints/"
-                            "pretrain_res50x1.pkl.")
-  with open(path, "rb") as f:
-    try:
-      data = _Unpickler(f).load()
-    except pickle.UnpicklingError as e:
-      raise ValueError(f"{path}: {e}") from None
-    except (EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
-      raise ValueError(f"{path} is not a readable BYOL checkpoint ({type(e).__name__}: {e}); "
-                       "download it again.") from None
-  if not isinstance(data, dict) or "experiment_state" not in data:
-    raise ValueError(f"{path} holds no experiment_state: it is not a BYOL pretraining "
-                     "checkpoint (deepmind-research/byol, pretrain_*.pkl).")
-  return data
-
-
-# --------------------------------------------------------------------------- #
-# Module names: hk.nets.ResNet and the reference's MLPs -> byol_jax
-# --------------------------------------------------------------------------- #
-
-_layer = lambda m: f"layer{int(m[1]) + 1}_{int(m[2])}"
-_BLOCK = r"block_group_(\d+)/~/block_(\d+)/~/"
-# Below "<encoder>/~/": (hk.nets.ResNet module, byol_jax module below "encoder/").
-_ENCODER_RENAMES = (
-    (r"initial_conv", lambda m: "conv1"),
-    (r"initial_batchnorm", lambda m: "bn1/bn"),
-    (_BLOCK + r"conv_(\d+)", lambda m: f"{_layer(m)}/conv{int(m[3]) + 1}"),
-    (_BLOCK + r"batchnorm_(\d+)", lambda m: f"{_layer(m)}/bn{int(m[3]) + 1}/bn"),
-    (_BLOCK + r"shortcut_conv", lambda m: f"{_layer(m)}/downsample_conv"),
-    (_BLOCK + r"shortcut_batchnorm", lambda m: f"{_layer(m)}/downsample_norm/bn"),
+_ENC = "<encoder>/~/"  # the reference's encoder module: res_net50, res_net200, ...
+_BLOCK = _ENC + "block_group_{g}/~/block_{b}/~/"
+_LAYER = ENCODER + "/layer{g+1}_{b}/"
+# (the reference's module, byol_jax's), read either way. {g}, {b}, {i} are the
+# reference's 0-based block group, block and layer; byol_jax counts stages and
+# layers from 1 ({g+1}, {i+1}).
+_NAMES = (
+    (_ENC + "initial_conv", ENCODER + "/conv1"),
+    (_ENC + "initial_batchnorm", ENCODER + "/bn1/bn"),
+    (_BLOCK + "conv_{i}", _LAYER + "conv{i+1}"),
+    (_BLOCK + "batchnorm_{i}", _LAYER + "bn{i+1}/bn"),
+    (_BLOCK + "shortcut_conv", _LAYER + "downsample_conv"),
+    (_BLOCK + "shortcut_batchnorm", _LAYER + "downsample_norm/bn"),
+    # The reference's MLP makes its layers inside __call__, hence Haiku's default names.
+    *((f"{head}/{ref}", f"{head}/{ours}") for head in ("projector", "predictor")
+      for ref, ours in (("linear", "linear1"), ("batch_norm", "bn"), ("linear_1", "linear2"))),
+    ("classifier", "probe"),  # the online classifier on the stop-gradient embedding
 )
-# The reference's MLP makes its layers inside __call__, hence Haiku's default names.
-_MLP_RENAMES = {"linear": "linear1", "batch_norm": "bn", "linear_1": "linear2"}
+_FIELD = re.compile(r"\{(\w)(\+1)?\}")
+
+
+def _translate(name: str, source: str, target: str) -> Optional[str]:
+  """`name` read with the template `source`, written with `target`; None if it does not fit."""
+  pieces = _FIELD.split(source)  # text, field, "+1" or None, text, ...
+  regex = "".join(re.escape(p) if i % 3 == 0 else f"(?P<{p}>\\d+)" if i % 3 == 1 else ""
+                  for i, p in enumerate(pieces))
+  m = re.fullmatch(regex, name)
+  if m is None:
+    return None
+  zero_based = {k: int(v) - (f"{{{k}+1}}" in source) for k, v in m.groupdict().items()}
+  return _FIELD.sub(lambda f: str(zero_based[f[1]] + bool(f[2])), target)
+
+
+def _rename_module(module: str, encoder: str, to_byol_jax: bool) -> Optional[str]:
+  base, ema = re.fullmatch(r"(.*?)((?:/~/(?:mean|var)_ema)?)", module).groups()
+  for ref, ours in _NAMES:
+    ref = ref.replace(_ENC, f"{encoder}/~/")
+    new = _translate(base, ref, ours) if to_byol_jax else _translate(base, ours, ref)
+    if new is not None:
+      return new + ema
+  return None
 
 
 def byol_jax_module(module: str, encoder: str) -> Optional[str]:
   """e.g. "res_net50/~/block_group_1/~/block_0/~/batchnorm_2/~/mean_ema" ->
   "encoder/layer2_0/bn3/bn/~/mean_ema"; None for a module byol_jax has no place for."""
-  base, ema = re.fullmatch(r"(.*?)((?:/~/(?:mean|var)_ema)?)", module).groups()
-  top, _, rest = base.partition("/")
-  if top == encoder and rest.startswith("~/"):
-    for pattern, rename in _ENCODER_RENAMES:
-      m = re.fullmatch(pattern, rest[2:])
-      if m:
-        return f"{ENCODER}/{rename(m)}{ema}"
-  if top in ("projector", "predictor") and rest in _MLP_RENAMES:
-    return f"{top}/{_MLP_RENAMES[rest]}{ema}"
-  if base == "classifier":
-    return f"probe{ema}"
-  return None
+  return _rename_module(module, encoder, to_byol_jax=True)
+
+
+def reference_module(module: str, encoder: str) -> Optional[str]:
+  """The inverse of `byol_jax_module`; None for a module the reference has no place for."""
+  return _rename_module(module, encoder, to_byol_jax=False)
 
 
 def _encoder_name(params) -> str:
@@ -248,7 +146,8 @@ def _check_and_cast(tree: dict, sources: dict, expected: dict, what: str, descri
     extra = sorted(set(found) - set(leaves))
     if extra:
       raise ValueError(f"{sources[module]}/{extra[0]} has no place in byol_jax's {module}.")
-    out[module] = {name: found[name].astype(spec.dtype) for name in leaves}
+    out[module] = {name: found[name].astype(spec.dtype, copy=False)
+                   for name, spec in leaves.items()}
   return out
 
 
@@ -272,34 +171,112 @@ def _check_architecture(params, encoder: str, model_config) -> None:
         f"--config.model.depth={depth[1]} --config.model.width={max(width, 1)}.")
 
 
+class _Importer:
+  """Renames and checks the reference's trees against the network `model_config` builds."""
+
+  def __init__(self, online_params, model_config):
+    check_model_config(model_config)
+    online_params = _plain(online_params, "online params")
+    self.encoder = _encoder_name(online_params)
+    _check_architecture(online_params, self.encoder, model_config)
+    classifier = online_params.get("classifier")
+    self.num_classes = int(classifier["w"].shape[1]) if classifier else 0
+    online = networks.make_networks(model_config, max(self.num_classes, 1)).online
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    self.shapes = jax.eval_shape(lambda x: online.init(jax.random.PRNGKey(0), x, True), images)
+    # Imported when the file has them; the encoder always must be there.
+    present = {byol_jax_module(m, self.encoder) for m in online_params}
+    self.modules = {m.split("/")[0] for m in present if m} | {ENCODER}
+    self.describe = ", ".join(f"{f}={model_config[f]!r}"
+                              for f in ("depth", "width", "base_channels"))
+
+  def tree(self, tree, what: str, shapes: dict, modules=None) -> dict:
+    """`tree`, a params-like tree of the reference, renamed to byol_jax's `modules`, checked."""
+    modules = self.modules if modules is None else modules
+    renamed, sources = _rename(_plain(tree, what), self.encoder, what)
+    keep = lambda t: {m: dict(v) for m, v in t.items() if m.split("/")[0] in modules}
+    return _check_and_cast(keep(renamed), sources, keep(shapes), what, self.describe)
+
+
 def to_byol_jax(params, state, model_config) -> Tuple[dict, dict, int]:
   """The reference's online (params, state) -> byol_jax's, and the probe's class count.
 
   Every tensor is checked against the network `model_config` builds. The
   projector, predictor and probe come along when the file has them.
   """
+  importer = _Importer(params, model_config)
+  return (importer.tree(params, "params", importer.shapes[0]),
+          importer.tree(state, "state", importer.shapes[1]), importer.num_classes)
+
+
+def _lars_momentum(opt_state):
+  """`mu` of the reference's `ScaleByLarsState`, found by its class name in the chain's state."""
+  for part in opt_state:
+    if type(part).__name__ == "ScaleByLarsState":
+      return part[0]
+  raise ValueError("The checkpoint's opt_state holds no ScaleByLarsState: it is not the "
+                   "state of the reference's LARS.")
+
+
+def to_train_state(experiment_state, step: int, model_config, optimizer, rng) -> TrainState:
+  """The reference's whole `_ByolExperimentState` at `step` -> byol_jax's TrainState.
+
+  The online and target networks (parameters and BatchNorm statistics) and the
+  LARS momentum, every tensor checked as in `to_byol_jax`; `step` goes where
+  byol_jax's schedules read it (`optim.lars_state`). The reference's target
+  also holds a predictor and a classifier, which its loss never reads:
+  byol_jax's target has neither, so they are left out. `optimizer` is
+  `optim.make_optimizer`'s; `rng` the uint32[2] key of the new state.
+  """
+  es = experiment_state
+  importer = _Importer(es.online_params, model_config)
+  params_shapes, state_shapes = importer.shapes
+  target = set(networks.TARGET_MODULES)
+  online_params = importer.tree(es.online_params, "online params", params_shapes)
+  momentum = importer.tree(_lars_momentum(es.opt_state), "LARS momentum", params_shapes)
+  return TrainState(
+      step=jnp.asarray(step, jnp.int32), rng=jnp.asarray(rng, jnp.uint32),
+      online_params=online_params,
+      online_state=importer.tree(es.online_state, "online state", state_shapes),
+      target_params=importer.tree(es.target_params, "target params", params_shapes, target),
+      target_state=importer.tree(es.target_state, "target state", state_shapes, target),
+      opt_state=optim.lars_state(optimizer, online_params, momentum, step))
+
+
+_LARS_STATE = reference_pickle.record_type("ScaleByLarsState", ("mu",))
+_NO_STATE = reference_pickle.record_type("EmptyState")
+
+
+def from_train_state(state: TrainState, model_config):
+  """byol_jax's TrainState -> the reference's `_ByolExperimentState` (numpy leaves).
+
+  The inverse of `to_train_state` (the step is `state.step`); the target has
+  no predictor or classifier, which byol_jax never keeps.
+  """
   check_model_config(model_config)
-  params, state = _plain(params, "online params"), _plain(state, "online state")
-  encoder = _encoder_name(params)
-  _check_architecture(params, encoder, model_config)
-  (params, param_sources), (state, state_sources) = (
-      _rename(params, encoder, "params"), _rename(state, encoder, "state"))
-  num_classes = int(params["probe"]["w"].shape[1]) if "probe" in params else 0
-  online = networks.make_networks(model_config, max(num_classes, 1)).online
-  images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda x: online.init(jax.random.PRNGKey(0), x, True), images)
-  present = {m.split("/")[0] for m in params}
-  keep = lambda tree: {m: dict(v) for m, v in tree.items()
-                       if m.split("/")[0] not in _OPTIONAL or m.split("/")[0] in present}
-  describe = ", ".join(f"{f}={model_config[f]!r}" for f in ("depth", "width", "base_channels"))
-  return (_check_and_cast(params, param_sources, keep(shapes[0]), "params", describe),
-          _check_and_cast(state, state_sources, keep(shapes[1]), "state", describe), num_classes)
+  encoder = f"res_net{model_config.depth}"
+
+  def tree(t, what):
+    out = {}
+    for module, leaves in _plain(t, what).items():
+      ref = reference_module(module, encoder)
+      if ref is None:
+        raise ValueError(f"byol_jax's {what} hold {module}, which the reference's network has "
+                         "no place for: it builds BatchNorm ResNets with the ImageNet stem.")
+      out[ref] = leaves
+    return out
+
+  momentum = tree(optim.lars_momentum(state.opt_state), "LARS momentum")
+  return reference_pickle.EXPERIMENT_STATE(
+      tree(state.online_params, "online params"), tree(state.target_params, "target params"),
+      tree(state.online_state, "online state"), tree(state.target_state, "target state"),
+      (_NO_STATE(), _LARS_STATE(momentum), _NO_STATE()))
 
 
 def import_file(path: str, model_config) -> Imported:
   """Reads a released checkpoint and returns its online network in byol_jax's tree."""
   check_model_config(model_config)  # before reading gigabytes
-  data = load(path)
+  data = reference_pickle.load(path)
   experiment = data["experiment_state"]
   try:
     params, state = experiment.online_params, experiment.online_state

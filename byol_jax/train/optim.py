@@ -54,6 +54,21 @@ def lars(schedule, *, weight_decay, momentum=0.9, eta=1e-3):
   )
 
 
+def lars_momentum(opt_state):
+  """The momentum buffer of `lars`'s state (one tensor per parameter)."""
+  return optax.tree_utils.tree_get(opt_state, "trace")
+
+
+def lars_state(optimizer, params, momentum, step):
+  """`optimizer.init(params)` (a `lars`) holding `momentum` at schedule step `step`.
+
+  The learning rate reads the step from optax's own counter, so a state taken
+  over at step k must carry k there as well as in `TrainState.step`.
+  """
+  return optax.tree_utils.tree_set(optimizer.init(params), trace=momentum,
+                                   count=jnp.asarray(step, jnp.int32))
+
+
 def ema(target, online, tau):
   return jax.tree.map(lambda t, o: tau * t + (1.0 - tau) * o, target, online)
 
