@@ -41,7 +41,7 @@ def test_writes_results_and_lists_the_files(compared):
   workdir, report = compared
   with open(os.path.join(workdir, "compare_results.json")) as f:
     assert json.load(f)["results"]["byol"]["knn_top1"] == report["results"]["byol"]["knn_top1"]
-  listing = compare.files(workdir, os.path.join(workdir, "compare_results.json"))
+  listing = compare.files(workdir, {"results": os.path.join(workdir, "compare_results.json")})
   for name in ("pretrain_curves.png", "checkpoints", "config.json", "compare_results.json"):
     assert os.path.join(workdir, name) in listing
 
