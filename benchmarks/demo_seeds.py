@@ -17,16 +17,20 @@ and a summary (mean, min, max):
   python benchmarks/demo_seeds.py --seeds=0,1,2,3,4 \
       --json=experiments/demo_seeds.json                               # refresh the record
   python benchmarks/demo_seeds.py --seeds=0 --set=optimizer.base_lr=0.5  # a variant
+  python benchmarks/demo_seeds.py --merge a.json b.json --json=c.json   # one table of several
+
+`--parallel=2` runs two seeds at once: the CPU seconds per seed stay comparable,
+the wall seconds do not (each run has half the cores).
 
 `--json=experiments/demo_seeds.json` rewrites the record that the README's demo
 figures and `tests/test_demo_recipe.py` (BYOL_SLOW=1) read.
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -50,21 +54,24 @@ def parse_args(argv=None):
   p.add_argument("--root", default=None, help="keep the workdirs under this folder "
                  "(default: a temporary folder, removed at the end)")
   p.add_argument("--json", default=None, help="also write the rows and summary here")
+  p.add_argument("--parallel", type=int, default=1, help="seeds run at once")
+  p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                 help="no runs: one table of these --json records (same config and overrides)")
   return p.parse_args(argv)
 
 
 def _timed(cmd, log_path: str) -> dict:
   """Runs `cmd` to completion; its wall and CPU (user + sys) seconds. Raises on failure."""
-  before = resource.getrusage(resource.RUSAGE_CHILDREN)
   start = time.perf_counter()
   with open(log_path, "a") as log:
-    code = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT).returncode
+    child = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    # wait4: this child's own rusage, right even while other seeds run beside it.
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
   wall = time.perf_counter() - start
-  after = resource.getrusage(resource.RUSAGE_CHILDREN)
-  if code != 0:
-    raise SystemExit(f"{' '.join(cmd)} exited {code}; see {log_path}")
-  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-  return {"wall_s": wall, "cpu_s": cpu}
+  if child.returncode != 0:
+    raise SystemExit(f"{' '.join(cmd)} exited {child.returncode}; see {log_path}")
+  return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime}
 
 
 def read_metrics(path: str) -> list:
@@ -160,8 +167,22 @@ def format_summary(s: dict) -> str:
   ])
 
 
-def main(argv=None) -> dict:
-  args = parse_args(argv)
+def merged(paths) -> dict:
+  """One record of the rows of several (same config and overrides), sorted by seed."""
+  records = []
+  for path in paths:
+    with open(path) as f:
+      records.append(json.load(f))
+  recipes = {(r["config"], tuple(r["overrides"])) for r in records}
+  if len(recipes) > 1:
+    raise SystemExit(f"--merge needs records of one recipe, got {sorted(recipes)}")
+  rows = sorted((row for r in records for row in r["rows"]), key=lambda row: row["seed"])
+  return {**records[0], "started": min(r["started"] for r in records),
+          "finished": max(r["finished"] for r in records), "merged_from": list(paths),
+          "parallel": max(r.get("parallel", 1) for r in records), "rows": rows}
+
+
+def run_seeds(args) -> dict:
   seeds = [int(s) for s in args.seeds.split(",")]
   root = args.root or tempfile.mkdtemp(prefix="demo_seeds_")
   os.makedirs(root, exist_ok=True)
@@ -169,18 +190,30 @@ def main(argv=None) -> dict:
   print(f"demo recipe {args.config} {' '.join(args.set)} over seeds {seeds}; "
         f"load average {os.getloadavg()[0]:.1f}; logs under {root}", flush=True)
   print(HEADER, flush=True)
-  rows = []
+
+  def one(seed):
+    row = run_seed(seed, args, root)
+    print(format_row(row), flush=True)
+    return row
+
   try:
-    for seed in seeds:
-      rows.append(run_seed(seed, args, root))
-      print(format_row(rows[-1]), flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.parallel)) as pool:
+      rows = list(pool.map(one, seeds))
   finally:
     if args.root is None:
       shutil.rmtree(root, ignore_errors=True)
-  report = {"config": args.config, "overrides": args.set, "started": started,
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-            "load_average_end": os.getloadavg()[0], "machine": os.uname().nodename,
-            "cpus": os.cpu_count(), "rows": rows, "summary": summary(rows)}
+  return {"config": args.config, "overrides": args.set, "started": started,
+          "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+          "load_average_end": os.getloadavg()[0], "machine": os.uname().nodename,
+          "cpus": os.cpu_count(), "parallel": args.parallel, "rows": rows}
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  report = merged(args.merge) if args.merge else run_seeds(args)
+  report["summary"] = summary(report["rows"])
+  if args.merge:
+    print(HEADER + "\n" + "\n".join(format_row(r) for r in report["rows"]), flush=True)
   print(format_summary(report["summary"]), flush=True)
   if args.json:
     with open(args.json, "w") as f:

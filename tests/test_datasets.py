@@ -198,6 +198,9 @@ def test_awkward_files_are_converted_or_skipped(odd_tree, caplog):
   source = datasets.load_source(cfg, "train")
   assert source.num_skipped == 3  # corrupt, truncated, empty
   assert source.num_examples == 9
+  assert sorted(source.skipped_names) == [f"things/{n}" for n in ("corrupt.jpg", "empty.png",
+                                                                   "truncated.jpg")]
+  assert len(source.names) == 9 and "things/scan.tif" in source.names
   assert "skipped 3 undecodable" in caplog.text
   batch = next(input_pipeline.eval_batches(cfg, "train", batch_size=10, process_index=0,
                                            process_count=1))

@@ -31,7 +31,7 @@ from tests.test_main import ENV, REPO, tiny_config
 # The loop, over a fake update whose loss at step i is losses[i].
 # ----------------------------------------------------------------------------
 
-def run_loop(workdir, losses, *, total, start=0, log=1, save=2, sigterm_at=None):
+def run_loop(workdir, losses, *, total, start=0, log=1, save=2, sigterm_at=None, watch=None):
   mesh = parallel.make_mesh(jax.devices()[:1])
 
   def update(state, batch):
@@ -46,7 +46,8 @@ def run_loop(workdir, losses, *, total, start=0, log=1, save=2, sigterm_at=None)
     return loop.train(
         jnp.int32(start), update=update, batches=iter(lambda: {"x": np.zeros(1)}, None),
         mesh=mesh, start=start, total=total, every=loop.Every(log, save), reporter=reporter,
-        ckpt=ckpt, to_items=lambda s: {"s": {"step": s}}, meta={}, divergence_advice="ADVICE.")
+        ckpt=ckpt, to_items=lambda s: {"s": {"step": s}}, meta={}, divergence_advice="ADVICE.",
+        watch=watch)
 
 
 def rows(workdir):
@@ -79,6 +80,14 @@ def test_a_resumed_loop_rewrites_the_rows_past_its_start_and_keeps_the_run_s_low
   assert rows(tmp_path) == [1, 2, 3, 4, 5, 6]
   meta = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).read_meta(6)
   assert meta["loss"] == checkpoint.loss_record(5.0, 1.0)  # step 1's loss, before the resume
+
+
+def test_the_watch_sees_each_reported_row(tmp_path):
+  """The collapse watch's hook: every logged row, averaged over its interval, at its step."""
+  seen = []
+  run_loop(tmp_path, [1.0, 3.0, 5.0, 7.0, 9.0], total=5, log=2, save=5,
+           watch=lambda step, metrics: seen.append((step, metrics["loss"])))
+  assert seen == [(2, 2.0), (4, 6.0), (5, 9.0)]
 
 
 def test_sigterm_saves_the_step_and_keeps_its_metrics_row(tmp_path):

@@ -43,12 +43,12 @@ def run(config, workdir: str, mesh) -> dict:
                             f"{PROBE_STEPS} steps, lr {PROBE_LR}, L2 chosen on 10% held out",
             "knn": f"cosine, k={config.eval.knn_k}, T={config.eval.knn_temperature}"}
   if jax.process_index() == 0:
-    written = {"results": os.path.join(workdir, "compare_results.json")}
-    fileio.write_text(written["results"], json.dumps(report, indent=2))
     features = {name: out[1:] for name, out in zip(dict(ROWS).values(), (byol, random))}
-    written.update(draw_pictures(config, workdir, features, results))
+    report["pictures"] = draw_pictures(config, workdir, features, results)
+    path = os.path.join(workdir, "compare_results.json")
+    fileio.write_text(path, json.dumps(report, indent=2))
     print(table(report), flush=True)
-    print(files(source, written), flush=True)
+    print(files(source, {"results": path, **report["pictures"]}), flush=True)
   return report
 
 

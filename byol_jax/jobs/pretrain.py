@@ -20,6 +20,8 @@ from byol_jax.views import device_augment
 
 DIVERGENCE_ADVICE = ("Lower --config.optimizer.base_lr or raise --config.warmup_epochs and rerun "
                      "the command with that change.")
+COLLAPSE_ADVICE = ("Remedy: lower --config.optimizer.base_lr (halve it) in a new workdir; see "
+                   "README.md, 'When the collapse monitor falls'.")
 # What a resumed run must share with its checkpoint to continue the same run
 # (`checkpoint.settings`); the learning rate and warmup may change: they are
 # the remedy DIVERGENCE_ADVICE gives.
@@ -71,6 +73,11 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
   # --- Train ---
   reporter = reporting.Reporter(workdir, total_steps=config.steps, batch_size=config.batch_size,
                                 enabled=chief)
+  watch = evaluation.CollapseWatch(COLLAPSE_ADVICE) if chief else None
+  if watch and start and fileio.exists(reporter.jsonl_path):  # the best before a resume
+    for row in reporting.read_jsonl(reporter.jsonl_path):
+      if row.get("step", 0) <= start:
+        watch(row["step"], row)
   with ckpt:
     _, last = loop.train(
         state, update=update, batches=batches, mesh=mesh, start=start, total=config.steps,
@@ -78,6 +85,6 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
                          config.eval.every_steps),
         reporter=reporter, ckpt=ckpt, to_items=checkpoint.state_items,
         meta={"architecture": arch, "config": config.to_dict(), "settings": settings},
-        divergence_advice=DIVERGENCE_ADVICE, evaluate=evaluate)
+        divergence_advice=DIVERGENCE_ADVICE, evaluate=evaluate, watch=watch)
   reporter.plot()
   return last
