@@ -375,6 +375,18 @@ def test_tfds_not_prepared_errors_say_how_to_prepare(tfds, tmp_path):
 # In-memory arrays: .npz files and sources decoded for the device crop.
 # ---------------------------------------------------------------------------
 
+def test_decoded_folder_keeps_the_names_of_its_images_and_of_the_skipped(tmp_path):
+  for i in range(3):
+    write(tmp_path, f"cats/{i}.png", encode(rgb(i, (6, 5)), "PNG"))
+  write(tmp_path, "cats/1b.jpg", b"\xff\xd8\xff\xe0 not a jpeg")
+  cfg = make_config(path=tmp_path)
+  cfg.augment.crop_on = "device"
+  source = datasets.load_source(cfg, "train")
+  assert isinstance(source, sources.ArraySource) and source.images.shape == (3, 5, 6, 3)
+  assert source.names == ("cats/0.png", "cats/1.png", "cats/2.png")
+  assert source.skipped_names == ("cats/1b.jpg",) and source.num_skipped == 1
+
+
 def test_npz_splits_labels_and_slices(tmp_path):
   rng = np.random.default_rng(0)
   train, test = (rng.integers(0, 256, (n, 6, 5, 3), np.uint8) for n in (20, 7))

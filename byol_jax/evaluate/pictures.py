@@ -110,11 +110,17 @@ def _tile(ax, image, colour, width):
 
 
 def tsne_2d(features: np.ndarray, seed: int) -> np.ndarray:
-  """A 2-D t-SNE map (scikit-learn; PCA initialisation, so runs repeat exactly)."""
+  """A 2-D t-SNE map (scikit-learn; PCA initialisation, so runs repeat exactly).
+
+  On one thread: on a shared 2-core VM its OpenMP threads spun for 8x the CPU
+  time (900 points: 32 CPU-s against 4).
+  """
   from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
+  from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top
   perplexity = float(min(30.0, max(2.0, (len(features) - 1) / 3)))
-  return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed,
-              learning_rate="auto").fit_transform(features.astype(np.float32))
+  with threadpool_limits(1):
+    return TSNE(n_components=2, init="pca", perplexity=perplexity, random_state=seed,
+                learning_rate="auto").fit_transform(features.astype(np.float32))
 
 
 def draw_embedding_map(path: str, encoders: Dict[str, Dict], labels: np.ndarray,
