@@ -107,7 +107,7 @@ def run_seed(seed: int, args, root: str) -> dict:
   rows = read_metrics(os.path.join(workdir, "pretrain_metrics.jsonl"))
   steps = [int(s) for s in args.spread_steps.split(",") if s]
   with open(log) as f:
-    warnings = [line.strip() for line in f if "collapse monitor" in line and "WARN" in line]
+    warnings = [line.strip() for line in f if "collapse monitor: at step" in line]
   return {
       "seed": seed,
       "knn_byol": byol["knn_top1"], "knn_random": random["knn_top1"],
