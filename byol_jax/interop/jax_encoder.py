@@ -38,8 +38,8 @@ class Encoder:
     self.input_size, self.source = int(input_size), source
     transform = networks.make_networks(model_config, num_classes=1).encoder
     self._apply = jax.jit(lambda p, s, x: transform.apply(p, s, x, False)[0])
-    self.embedding_dim = int(jax.eval_shape(
-        self._apply, params, state, jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32)).shape[-1])
+    one = jax.ShapeDtypeStruct((1, self.input_size, self.input_size, 3), jnp.float32)
+    self.embedding_dim = int(jax.eval_shape(self._apply, params, state, one).shape[-1])
 
   def __call__(self, images) -> jax.Array:
     """uint8 (0..255) or float ([0, 1]) images, [N, H, W, 3] or one [H, W, 3] -> [N, D]."""
