@@ -13,14 +13,15 @@ and a summary (mean, min, max):
   pretraining's wall and CPU seconds (user + sys of the subprocess), and the
   compare job's.
 
-  python benchmarks/demo_seeds.py --seeds=0,1,2,3,4                    # ~5 x 5 min, idle
+  python benchmarks/demo_seeds.py --seeds=0,1,2,3,4                    # ~5 x 4 min, idle
   python benchmarks/demo_seeds.py --seeds=0,1,2,3,4 \
       --json=experiments/demo_seeds.json                               # refresh the record
   python benchmarks/demo_seeds.py --seeds=0 --set=optimizer.base_lr=0.5  # a variant
   python benchmarks/demo_seeds.py --merge a.json b.json --json=c.json   # one table of several
 
-`--parallel=2` runs two seeds at once: the CPU seconds per seed stay comparable,
-the wall seconds do not (each run has half the cores).
+`--parallel=2` runs two seeds at once: each row's CPU seconds are still its own
+runs' (os.wait4), but the wall seconds are not a single run's (each has half the
+cores). Time the recipe on idle cores, one seed at a time.
 
 `--json=experiments/demo_seeds.json` rewrites the record that the README's demo
 figures and `tests/test_demo_recipe.py` (BYOL_SLOW=1) read.
