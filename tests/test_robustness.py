@@ -82,6 +82,17 @@ def test_a_resumed_loop_rewrites_the_rows_past_its_start_and_keeps_the_run_s_low
   assert meta["loss"] == checkpoint.loss_record(5.0, 1.0)  # step 1's loss, before the resume
 
 
+def test_rows_before_a_resume_skip_the_row_a_kill_cut_short(tmp_path):
+  """What the collapse watch replays on a resume: whole rows up to the start step only."""
+  run_loop(tmp_path, [1.0, 2.0, 3.0, 4.0], total=4, save=4)
+  with open(tmp_path / "pretrain_metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "lo')
+  reporter = reporting.Reporter(str(tmp_path), total_steps=4, batch_size=1)
+  assert [(r["step"], r["loss"]) for r in reporter.rows(until=3)] == [(1, 1.0), (2, 2.0),
+                                                                     (3, 3.0)]
+  assert [r["step"] for r in reporter.rows(until=9)] == [1, 2, 3, 4]
+
+
 def test_the_watch_sees_each_reported_row(tmp_path):
   """The collapse watch's hook: every logged row, averaged over its interval, at its step."""
   seen = []

@@ -75,10 +75,8 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
   reporter = reporting.Reporter(workdir, total_steps=config.steps, batch_size=config.batch_size,
                                 enabled=chief)
   watch = evaluation.CollapseWatch(COLLAPSE_ADVICE) if chief else None
-  if watch and start and fileio.exists(reporter.jsonl_path):  # the best before a resume
-    for row in reporting.read_jsonl(reporter.jsonl_path):
-      if row.get("step", 0) <= start:
-        watch(row["step"], row)
+  for row in reporter.rows(until=start) if watch else []:  # the run's best before a resume
+    watch(row["step"], row)
   with ckpt:
     _, last = loop.train(
         state, update=update, batches=batches, mesh=mesh, start=start, total=config.steps,
