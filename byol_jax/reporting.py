@@ -52,6 +52,18 @@ class Reporter:
       print(f"[{self.name}] resuming at step {step}: dropped {len(lines) - len(kept)} metrics "
             f"row(s) past it from {self.jsonl_path}; they are written again.", flush=True)
 
+  def rows(self, until: int) -> list:
+    """The metrics rows already written up to step `until`; a row cut short by a kill is
+    skipped."""
+    if not self.enabled or not fileio.exists(self.jsonl_path):
+      return []
+    rows = []
+    for line in fileio.read_text(self.jsonl_path).splitlines():
+      step = _row_step(line)
+      if step is not None and step <= until:
+        rows.append(json.loads(line))
+    return rows
+
   def write(self, step: int, metrics: Dict[str, float], *, timed: bool = True) -> None:
     """Reports metrics at `step`; with `timed`, adds steps/s, images/s and the ETA."""
     if not self.enabled:

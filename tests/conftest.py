@@ -26,3 +26,17 @@ def shared_cifar10():
   if not (root / "cifar10_jpeg.zip").exists():
     pytest.skip(f"real CIFAR-10 not found under {root}; set BYOL_SHARED_DATA")
   return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+  """A 4-step pretraining of the shrunk demo (tests/test_main.py's), exported: (workdir,
+  config). Shared by the read-out tests (compare, embed, load_encoder)."""
+  from byol_jax import jobs  # pylint: disable=g-import-not-at-top
+  from tests.test_main import tiny_config  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path_factory.mktemp("tiny_run"))
+  config = tiny_config(**{"steps": 4, "eval.batch_size": 128, "data.train_split": "train[:512]",
+                          "data.test_split": "test[:256]"})
+  jobs.run("pretrain", config, workdir)
+  jobs.run("export", config, workdir)
+  return workdir, config

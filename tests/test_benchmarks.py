@@ -650,3 +650,41 @@ def test_reference_parity_names_a_batch_that_does_not_split(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=REPO, env=_env())
   assert result.returncode != 0
   assert "--batch_size=12 does not split over 8 devices" in result.stderr
+
+
+# ----------------------------------------------------------------------------
+# demo_seeds.py (its real run is tests/test_demo_recipe.py, BYOL_SLOW=1)
+# ----------------------------------------------------------------------------
+
+def _seed_row(seed, knn, linear, spreads):
+  return {"seed": seed, "knn_byol": knn, "knn_random": 0.15, "linear_byol": linear,
+          "linear_random": 0.17, "knn_gap": knn - 0.15, "linear_gap": linear - 0.17,
+          "test_spread": 0.7, "train_spread": _load("demo_seeds").spread_at(
+              [{"step": s, "projection_std": v} for s, v in spreads.items()], [1000]),
+          "byol_loss_end": 0.8, "collapse_warnings": [],
+          "pretrain": {"wall_s": 200.0, "cpu_s": 330.0}, "compare": {"wall_s": 20, "cpu_s": 30}}
+
+
+def test_demo_seeds_summarises_and_merges_records(tmp_path, capsys):
+  seeds = _load("demo_seeds")
+  row = _seed_row(3, 0.30, 0.33, {100: 0.66, 900: 0.70, 1100: 0.71, 3375: 0.69})
+  assert row["train_spread"] == {"at": {"900": 0.70, "3375": 0.69}, "min": 0.66, "min_step": 100}
+  records = []
+  for i, rows in enumerate([[row], [_seed_row(1, 0.26, 0.35, {100: 0.6, 3375: 0.65})]]):
+    records.append(str(tmp_path / f"r{i}.json"))
+    with open(records[-1], "w") as f:
+      json.dump({"config": "demo", "overrides": [], "started": f"t{i}", "finished": f"u{i}",
+                 "rows": rows}, f)
+  report = seeds.main(["--merge", *records, f"--json={tmp_path / 'all.json'}"])
+  assert [r["seed"] for r in report["rows"]] == [1, 3]
+  s = report["summary"]
+  assert s["knn_gap"]["min"] == pytest.approx(0.11) and s["knn_gap"]["max"] == pytest.approx(0.15)
+  assert s["linear_byol"]["mean"] == pytest.approx(0.34) and s["train_spread_min"] == 0.6
+  out = capsys.readouterr().out
+  assert "gap 13.0 (11.0 to 15.0)" in out and "+15.0/+16.0" in out
+  with open(tmp_path / "all.json") as f:
+    assert json.load(f)["merged_from"] == records
+  with open(records[1], "w") as f:
+    json.dump({"config": "demo", "overrides": ["seed=1"], "rows": []}, f)
+  with pytest.raises(SystemExit, match="one recipe"):
+    seeds.main(["--merge", *records])

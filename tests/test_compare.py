@@ -8,17 +8,14 @@ import numpy as np
 import pytest
 
 from byol_jax import config_lib, jobs
-from byol_jax.evaluate import evaluation, readout
+from byol_jax.evaluate import evaluation, pictures, readout
 from byol_jax.jobs import compare
 from tests.test_main import tiny_config
 
 
 @pytest.fixture(scope="module")
-def compared(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("compare"))
-  config = tiny_config(**{"steps": 4, "eval.batch_size": 128, "data.train_split": "train[:512]",
-                          "data.test_split": "test[:256]"})
-  jobs.run("pretrain", config, workdir)
+def compared(tiny_run):
+  workdir, config = tiny_run
   return workdir, jobs.run("compare", config, workdir)
 
 
@@ -41,7 +38,7 @@ def test_writes_results_and_lists_the_files(compared):
   workdir, report = compared
   with open(os.path.join(workdir, "compare_results.json")) as f:
     assert json.load(f)["results"]["byol"]["knn_top1"] == report["results"]["byol"]["knn_top1"]
-  listing = compare.files(workdir, os.path.join(workdir, "compare_results.json"))
+  listing = compare.files(workdir, {"results": os.path.join(workdir, "compare_results.json")})
   for name in ("pretrain_curves.png", "checkpoints", "config.json", "compare_results.json"):
     assert os.path.join(workdir, name) in listing
 
@@ -72,3 +69,28 @@ def test_linear_probe_separates_separable_features():
                                 steps=200, lr=0.05, seed=0)
   assert result["top1"] > 0.9
   assert result["weight_decay"] in readout.PROBE_WEIGHT_DECAYS
+
+
+def test_pictures_are_written_and_listed(compared):
+  """neighbours.png and embedding_map.png: PNGs of the drawn size, with content, listed."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  workdir, report = compared
+  assert report["pictures"] == {"neighbours": os.path.join(workdir, "neighbours.png"),
+                                "embedding map": os.path.join(workdir, "embedding_map.png")}
+  listing = compare.files(workdir, report["pictures"])
+  for name, size in (("neighbours.png", pictures.NEIGHBOURS_PX),
+                     ("embedding_map.png", pictures.MAP_PX)):
+    path = os.path.join(workdir, name)
+    assert path in listing
+    with Image.open(path) as image:
+      assert image.format == "PNG" and image.size == size
+      pixels = np.asarray(image.convert("RGB"))
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50, f"{name} is nearly blank"
+
+
+def test_neighbours_are_the_most_cosine_similar_and_queries_span_classes():
+  train = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]])
+  np.testing.assert_array_equal(pictures.nearest(train, np.array([[2.0, 0.1]]), k=3),
+                                [[0, 2, 1]])
+  labels = np.array([3, 3, 1, 0, 1, 2, 2])
+  assert list(pictures.pick_queries(labels, count=5)) == [3, 2, 5, 0, 1]

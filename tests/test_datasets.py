@@ -198,6 +198,9 @@ def test_awkward_files_are_converted_or_skipped(odd_tree, caplog):
   source = datasets.load_source(cfg, "train")
   assert source.num_skipped == 3  # corrupt, truncated, empty
   assert source.num_examples == 9
+  assert sorted(source.skipped_names) == [f"things/{n}" for n in ("corrupt.jpg", "empty.png",
+                                                                   "truncated.jpg")]
+  assert len(source.names) == 9 and "things/scan.tif" in source.names
   assert "skipped 3 undecodable" in caplog.text
   batch = next(input_pipeline.eval_batches(cfg, "train", batch_size=10, process_index=0,
                                            process_count=1))
@@ -371,6 +374,18 @@ def test_tfds_not_prepared_errors_say_how_to_prepare(tfds, tmp_path):
 # ---------------------------------------------------------------------------
 # In-memory arrays: .npz files and sources decoded for the device crop.
 # ---------------------------------------------------------------------------
+
+def test_decoded_folder_keeps_the_names_of_its_images_and_of_the_skipped(tmp_path):
+  for i in range(3):
+    write(tmp_path, f"cats/{i}.png", encode(rgb(i, (6, 5)), "PNG"))
+  write(tmp_path, "cats/1b.jpg", b"\xff\xd8\xff\xe0 not a jpeg")
+  cfg = make_config(path=tmp_path)
+  cfg.augment.crop_on = "device"
+  source = datasets.load_source(cfg, "train")
+  assert isinstance(source, sources.ArraySource) and source.images.shape == (3, 5, 6, 3)
+  assert source.names == ("cats/0.png", "cats/1.png", "cats/2.png")
+  assert source.skipped_names == ("cats/1b.jpg",) and source.num_skipped == 1
+
 
 def test_npz_splits_labels_and_slices(tmp_path):
   rng = np.random.default_rng(0)

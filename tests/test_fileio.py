@@ -51,7 +51,7 @@ def test_reporter_and_npz_export_on_remote_scheme(root):
 
   flat = {"encoder/conv1/w": np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3)}
   path = os.path.join(root, "export", "encoder.npz")
-  export._write_npz(flat, path)  # pylint: disable=protected-access
+  export.write_npz(flat, path)
   if root.startswith("ram://"):
     import tensorflow as tf
     local = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"copy_{os.getpid()}.npz")

@@ -156,6 +156,24 @@ def test_optax_builtin_lars_differs_when_lr_changes():
   assert _max_rel_diff(constant, _reference_lars(params, grads, const)) < 1e-4
 
 
+def test_predictor_lr_multiplier_scales_only_the_predictor_s_steps():
+  """x3: the predictor's first step is 3x as long; every other tensor's is as at x1; at x1
+  the chain (and its state) is the reference's."""
+  params = {**_params(), "predictor/linear1": {"w": _params()["projector/linear1"]["w"]}}
+  grads = [_grads(0, params)]
+  lars = lambda m: optim.lars(lambda c: 0.5, weight_decay=WD, momentum=MOMENTUM, eta=ETA,
+                              predictor_lr_multiplier=m)
+  one, three = _run_optax(lars(1.0), params, grads), _run_optax(lars(3.0), params, grads)
+  for m in params:
+    for n in params[m]:
+      step1, step3 = one[m][n] - params[m][n], three[m][n] - params[m][n]
+      np.testing.assert_allclose(step3, 3 * step1 if m.startswith("predictor") else step1,
+                                 rtol=1e-5, atol=1e-7, err_msg=f"{m}/{n}")
+  reference = optim.lars(lambda c: 0.5, weight_decay=WD, momentum=MOMENTUM, eta=ETA)
+  assert (jax.tree.structure(lars(1.0).init(params))
+          == jax.tree.structure(reference.init(params)))
+
+
 def test_lars_weight_decay_only_on_adapted_params():
   """With zero gradients, only adapted weights shrink (decay); biases and norm params stay."""
   params = _params()

@@ -31,7 +31,7 @@ from tests.test_main import ENV, REPO, tiny_config
 # The loop, over a fake update whose loss at step i is losses[i].
 # ----------------------------------------------------------------------------
 
-def run_loop(workdir, losses, *, total, start=0, log=1, save=2, sigterm_at=None):
+def run_loop(workdir, losses, *, total, start=0, log=1, save=2, sigterm_at=None, watch=None):
   mesh = parallel.make_mesh(jax.devices()[:1])
 
   def update(state, batch):
@@ -46,7 +46,8 @@ def run_loop(workdir, losses, *, total, start=0, log=1, save=2, sigterm_at=None)
     return loop.train(
         jnp.int32(start), update=update, batches=iter(lambda: {"x": np.zeros(1)}, None),
         mesh=mesh, start=start, total=total, every=loop.Every(log, save), reporter=reporter,
-        ckpt=ckpt, to_items=lambda s: {"s": {"step": s}}, meta={}, divergence_advice="ADVICE.")
+        ckpt=ckpt, to_items=lambda s: {"s": {"step": s}}, meta={}, divergence_advice="ADVICE.",
+        watch=watch)
 
 
 def rows(workdir):
@@ -79,6 +80,25 @@ def test_a_resumed_loop_rewrites_the_rows_past_its_start_and_keeps_the_run_s_low
   assert rows(tmp_path) == [1, 2, 3, 4, 5, 6]
   meta = checkpoint.Checkpointer(str(tmp_path / "checkpoints")).read_meta(6)
   assert meta["loss"] == checkpoint.loss_record(5.0, 1.0)  # step 1's loss, before the resume
+
+
+def test_rows_before_a_resume_skip_the_row_a_kill_cut_short(tmp_path):
+  """What the collapse watch replays on a resume: whole rows up to the start step only."""
+  run_loop(tmp_path, [1.0, 2.0, 3.0, 4.0], total=4, save=4)
+  with open(tmp_path / "pretrain_metrics.jsonl", "a") as f:
+    f.write('{"step": 5, "lo')
+  reporter = reporting.Reporter(str(tmp_path), total_steps=4, batch_size=1)
+  assert [(r["step"], r["loss"]) for r in reporter.rows(until=3)] == [(1, 1.0), (2, 2.0),
+                                                                     (3, 3.0)]
+  assert [r["step"] for r in reporter.rows(until=9)] == [1, 2, 3, 4]
+
+
+def test_the_watch_sees_each_reported_row(tmp_path):
+  """The collapse watch's hook: every logged row, averaged over its interval, at its step."""
+  seen = []
+  run_loop(tmp_path, [1.0, 3.0, 5.0, 7.0, 9.0], total=5, log=2, save=5,
+           watch=lambda step, metrics: seen.append((step, metrics["loss"])))
+  assert seen == [(2, 2.0), (4, 6.0), (5, 9.0)]
 
 
 def test_sigterm_saves_the_step_and_keeps_its_metrics_row(tmp_path):

@@ -100,7 +100,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       use_predictor=True,             # False: the paper's collapsing ablation
   ))
   c.optimizer = ml_collections.ConfigDict(dict(
-      base_lr=0.2, weight_decay=1.5e-6, momentum=0.9, eta=1e-3))
+      base_lr=0.2, weight_decay=1.5e-6, momentum=0.9, eta=1e-3,
+      predictor_lr_multiplier=1.0,    # the predictor's lr / the rest's (paper: 1)
+  ))
 
   c.data = ml_collections.ConfigDict(dict(
       source="tfds",                  # "tfds" | "folder" (directory or .zip) | "npz" | "demo"
@@ -163,6 +165,13 @@ def get_base_config() -> ml_collections.ConfigDict:
       num_slices=1,                   # > 1: that many slices joined over the data-centre network
       steps=("pretrain", "eval", "linear_eval"),
       save_hlo=False,                 # also write each step's optimised HLO (benchmarks/hlo_bytes.py)
+  ))
+  # --job=embed: the trained encoder's embeddings of one split of config.data's source.
+  c.embed = ml_collections.ConfigDict(dict(
+      split=ml_collections.FieldReference(None, field_type=str),   # None: data.test_split
+      with_projection=False,          # also write the projector's output
+      log_every=10_000,               # a progress line per this many images
+      output=ml_collections.FieldReference(None, field_type=str),  # None: workdir/embeddings.npz
   ))
   # DeepMind's released checkpoint (.pkl) that --job=import_reference reads.
   c.import_path = ml_collections.FieldReference(None, field_type=str)

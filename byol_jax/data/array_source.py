@@ -129,9 +129,12 @@ def _decode_all(source: RandomAccessSource) -> ArraySource:
     out = out[ok]
   logging.info("%s: decoded %d images of %s into memory (%.1f MB).", source.description,
                len(out), out.shape[1:], out.nbytes / 1e6)
+  names = np.asarray(source.names or [f"#{i}" for i in range(n)], object)
   return ArraySource(description=source.description, images=out, labels=source.labels[ok],
                      num_classes=source.num_classes, class_names=source.class_names,
-                     num_skipped=source.num_skipped + skipped)
+                     num_skipped=source.num_skipped + skipped,
+                     names=tuple(names[ok]) if source.names else (),
+                     skipped_names=source.skipped_names + tuple(names[~ok]))
 
 
 def _allocate(description: str, n: int, shape) -> np.ndarray:

@@ -18,8 +18,10 @@ What each returns, and the split strings, are in `sources`.
 import os
 from typing import Optional
 
+import numpy as np
+
 from byol_jax.data import array_source, folder_source, tfds_source
-from byol_jax.data.sources import DataSourceError, StreamingSource
+from byol_jax.data.sources import ArraySource, DataSourceError, StreamingSource
 from byol_jax.tf_import import TensorFlowMissingError, import_tensorflow
 
 DEMO_ASSET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
@@ -89,6 +91,25 @@ def dataset_info(config, split: str) -> tuple:
   """(num_examples, num_classes) of a split; num_classes is 0 when unknown."""
   source = load_source(config, split)
   return source.num_examples, source.num_classes
+
+
+def example_images(config, split: str, indices, max_side: int = 128):
+  """The images at `indices` of `split` as uint8 [H, W, 3] arrays, as stored (no crop),
+  shrunk to at most `max_side` pixels; None for a streamed source (no random access)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  source = load_source(config, split)
+  if isinstance(source, StreamingSource):
+    return None
+  if isinstance(source, ArraySource):
+    images = [Image.fromarray(source.images[int(i)]) for i in indices]
+  else:
+    paths, contents = source.fetch(np.asarray(indices, np.int64))
+    images = [folder_source.pil_rgb(c or folder_source.read_file(p))
+              for p, c in zip(paths, contents)]
+  for image in images:
+    image.thumbnail((max_side, max_side))
+  return [np.asarray(image) for image in images]
+
 
 
 def known_split_info(config, split: str) -> tuple:

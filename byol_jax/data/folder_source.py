@@ -240,7 +240,8 @@ def folder_source(root: str, split: str, verify: str) -> RandomAccessSource:
   return RandomAccessSource(
       description=description, labels=labels[keep], num_classes=len(classes),
       fetch=_make_fetch(payload, overrides), verified=verify_all, num_skipped=len(skipped),
-      class_names=tuple(classes))
+      class_names=tuple(classes), names=tuple(full[i] for i in keep),
+      skipped_names=tuple(full[i] for i in skipped))
 
 
 def _make_fetch(payload, overrides):

@@ -56,6 +56,8 @@ class RandomAccessSource:
   verified: bool      # every example decoded once already, so run time cannot fail
   num_skipped: int = 0
   class_names: tuple = ()
+  names: tuple = ()          # each example's file name (folder, zip, demo); () when none
+  skipped_names: tuple = ()  # the files skipped as undecodable
 
   @property
   def num_examples(self) -> int:
@@ -93,6 +95,8 @@ class ArraySource:
   num_classes: int
   class_names: tuple = ()
   num_skipped: int = 0
+  names: tuple = ()          # as RandomAccessSource's, for the images kept
+  skipped_names: tuple = ()
 
   @property
   def num_examples(self) -> int:

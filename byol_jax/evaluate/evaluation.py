@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 
 from byol_jax.data import input_pipeline
@@ -80,6 +81,44 @@ def projection_spread(projections) -> float:
   """
   z = np.asarray(objectives.l2_normalize(jnp.asarray(projections, jnp.float32)))
   return float(np.mean(np.std(z, axis=0)) * np.sqrt(z.shape[-1]))
+
+
+# The monitor has fallen once the spread is below this fraction of its best so far.
+SPREAD_FALL = 0.8
+SPREAD_KEYS = {"projection_std": "the training batches' projection spread",
+               "eval/projection_std": "the test projections' spread"}
+
+
+class CollapseWatch:
+  """Says once, in one line, when the collapse monitor falls during a run.
+
+  Call it with each step's reported metrics. For each spread it knows
+  (`SPREAD_KEYS`: the training batches', logged every few steps, and the
+  evaluation's) it keeps the run's best value; once a value falls below
+  `fall` x that best, it logs a warning with the step, the spread and `remedy`,
+  and returns that line (once per spread).
+  """
+
+  def __init__(self, remedy: str, fall: float = SPREAD_FALL):
+    self.remedy, self.fall = remedy, fall
+    self.best, self.warned = {}, set()
+
+  def __call__(self, step: int, metrics: Dict[str, float]) -> Optional[str]:
+    line = None
+    for key, what in SPREAD_KEYS.items():
+      if key not in metrics or key in self.warned:
+        continue
+      value = float(metrics[key])
+      best, best_step = self.best.get(key, (-np.inf, 0))
+      if value > best:
+        self.best[key] = (value, step)
+      elif value < self.fall * best:
+        self.warned.add(key)
+        line = (f"collapse monitor: at step {step} {what} fell to {value:.2f}, from {best:.2f} "
+                f"at step {best_step}: the projections are losing dimensions (a partial "
+                f"collapse). {self.remedy}")
+        logging.warning("%s", line)
+    return line
 
 
 def evaluate(embed_fn, params, state, *, train_batches: Optional[Iterable[dict]],

@@ -138,15 +138,21 @@ def score(train: Dict, test: Dict, *, num_classes: int, knn_k: int, knn_temperat
   return result
 
 
-def read_out(config, nets, params, state, mesh, *, train_split: str, test_split: str,
-             batch_size: int, probe_steps: int = 500, probe_lr: float = 0.01,
-             knn_k: Optional[int] = None) -> Dict:
+def read_out(config, nets, params, state, mesh, **kwargs) -> Dict:
   """`score` of one encoder, features extracted from `train_split` and `test_split`."""
+  return read_out_features(config, nets, params, state, mesh, **kwargs)[0]
+
+
+def read_out_features(config, nets, params, state, mesh, *, train_split: str, test_split: str,
+                      batch_size: int, probe_steps: int = 500, probe_lr: float = 0.01,
+                      knn_k: Optional[int] = None):
+  """`read_out`'s score and the features it read: (score, train, test)."""
   train = features(config, nets, params, state, train_split, mesh, batch_size)
   test = features(config, nets, params, state, test_split, mesh, batch_size)
-  return score(train, test, num_classes=config.data.num_classes,
-               knn_k=knn_k or config.eval.knn_k, knn_temperature=config.eval.knn_temperature,
-               probe_steps=probe_steps, probe_lr=probe_lr, seed=config.seed)
+  result = score(train, test, num_classes=config.data.num_classes,
+                 knn_k=knn_k or config.eval.knn_k, knn_temperature=config.eval.knn_temperature,
+                 probe_steps=probe_steps, probe_lr=probe_lr, seed=config.seed)
+  return result, train, test
 
 
 def summary_line(name: str, r: Dict) -> str:

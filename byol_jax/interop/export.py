@@ -70,10 +70,11 @@ def export_npz(params, state, path: str, *, include_projector: bool = False) -> 
 
   See `flatten_for_npz` for the key names. Returns `path`.
   """
-  return _write_npz(flatten_for_npz(params, state, include_projector=include_projector), path)
+  return write_npz(flatten_for_npz(params, state, include_projector=include_projector), path)
 
 
-def _write_npz(flat: Mapping[str, np.ndarray], path: str) -> str:
+def write_npz(flat: Mapping[str, np.ndarray], path: str) -> str:
+  """Writes named arrays as an .npz at `path` (local or gs://), atomically; returns `path`."""
   with fileio.atomic_local_path(path) as tmp:
     # A file object, not a name: np.savez would append ".npz" to the temp name.
     with open(tmp, "wb") as f:
@@ -117,7 +118,7 @@ def run_export(params, state, config, out_dir: str) -> Dict[str, str]:
   tv.save_torchvision_safetensors(params, state, model_config, paths["safetensors"],
                                   include_projector=include_projector)
   flat = flatten_for_npz(params, state, include_projector=include_projector)
-  _write_npz(flat, paths["npz"])
+  write_npz(flat, paths["npz"])
   description = {
       "format_version": metadata["format_version"],
       "architecture": metadata["architecture"],

@@ -5,7 +5,9 @@ linear probe fitted on the training split's features, scored on the held-out
 test split, and the collapse monitor on the test projections. The random
 encoder is pretraining's own starting point (same config and seed) with its BN
 statistics estimated on training images, weights untouched. Writes
-compare_results.json and prints a short table and where the run's files are.
+compare_results.json and two pictures of the same features
+(`byol_jax.evaluate.pictures`: neighbours.png, embedding_map.png), and prints a
+short table and where the run's files are.
 """
 
 import json
@@ -14,7 +16,8 @@ import os
 import jax
 
 from byol_jax import config_lib, fileio
-from byol_jax.evaluate import readout
+from byol_jax.data import datasets
+from byol_jax.evaluate import pictures, readout
 from byol_jax.train import checkpoint
 
 PROBE_STEPS = 500
@@ -28,22 +31,58 @@ def run(config, workdir: str, mesh) -> dict:
   config = _with_pretrain_seed(config, source)
   splits = dict(train_split=config.data.train_split, test_split=config.data.test_split,
                 batch_size=config.eval.batch_size, probe_steps=PROBE_STEPS, probe_lr=PROBE_LR)
-  results = {"byol": readout.read_out(config, nets, params, state, mesh, **splits)}
+  byol = readout.read_out_features(config, nets, params, state, mesh, **splits)
   random = readout.random_baseline(config_lib.prepare(config, mesh), mesh,
                                    bn_split=config.data.train_split,
                                    batch_size=config.eval.batch_size)
-  results["random"] = readout.read_out(*random, mesh, **splits)
+  random = readout.read_out_features(*random, mesh, **splits)
+  results = {"byol": byol[0], "random": random[0]}
   report = {"results": results, "gaps": _gaps(results), "pretrained_workdir": source,
             "train_split": config.data.train_split, "test_split": config.data.test_split,
             "linear_probe": f"softmax regression on frozen standardised embeddings, Adam "
                             f"{PROBE_STEPS} steps, lr {PROBE_LR}, L2 chosen on 10% held out",
             "knn": f"cosine, k={config.eval.knn_k}, T={config.eval.knn_temperature}"}
   if jax.process_index() == 0:
+    features = {name: out[1:] for name, out in zip(dict(ROWS).values(), (byol, random))}
+    report["pictures"] = draw_pictures(config, workdir, features, results)
     path = os.path.join(workdir, "compare_results.json")
     fileio.write_text(path, json.dumps(report, indent=2))
     print(table(report), flush=True)
-    print(files(source, path), flush=True)
+    print(files(source, {"results": path, **report["pictures"]}), flush=True)
   return report
+
+
+def draw_pictures(config, workdir: str, features: dict, results: dict) -> dict:
+  """neighbours.png and embedding_map.png of each encoder's (train, test) features;
+  {what: path} of those drawn."""
+  if not all(r["finite"] for r in results.values()):
+    print("[compare] no pictures: an encoder gave non-finite features", flush=True)
+    return {}
+  train_split, test_split = config.data.train_split, config.data.test_split
+  labels = next(iter(features.values()))[1]["label"]
+  class_names = getattr(datasets.load_source(config, test_split), "class_names", ())
+  written = {}
+  queries = pictures.pick_queries(labels)
+  query_images = datasets.example_images(config, test_split, queries)
+  if query_images is None:
+    print(f"[compare] no neighbours.png: {test_split} is streamed, without random access to "
+          "its images", flush=True)
+  else:
+    neighbours = {}
+    for name, (train, test) in features.items():
+      rows = pictures.nearest(train["embedding"], test["embedding"][queries])
+      neighbours[name] = {"labels": train["label"][rows],
+                          "images": [datasets.example_images(config, train_split, r)
+                                     for r in rows]}
+    written["neighbours"] = pictures.draw_neighbours(
+        os.path.join(workdir, "neighbours.png"),
+        {"images": query_images, "labels": labels[queries]}, neighbours, class_names)
+  titles = {name: f"{name}: kNN {100 * results[key]['knn_top1']:.1f}%" for key, name in ROWS}
+  written["embedding map"] = pictures.draw_embedding_map(
+      os.path.join(workdir, "embedding_map.png"),
+      {name: test["embedding"] for name, (_, test) in features.items()}, labels, class_names,
+      seed=config.seed, titles=titles)
+  return written
 
 
 def _with_pretrain_seed(config, source: str):
@@ -87,8 +126,8 @@ def table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def files(workdir: str, results_path: str) -> str:
-  """Where the run's files are (those that exist)."""
+def files(workdir: str, written: dict) -> str:
+  """Where the run's files are (those that exist), then what this job `written` ({what: path})."""
   entries = (("curves", "pretrain_curves.png"), ("checkpoints", "checkpoints"),
              ("config", "config.json"), ("metrics", "pretrain_metrics.jsonl"),
              ("TensorBoard", "tensorboard"), ("export", "export"))
@@ -96,6 +135,6 @@ def files(workdir: str, results_path: str) -> str:
   for name, rel in entries:
     path = os.path.join(workdir, rel)
     if fileio.exists(path):
-      lines.append(f"  {name:<12} {path}")
-  lines.append(f"  {'results':<12} {results_path}")
+      lines.append(f"  {name:<14} {path}")
+  lines += [f"  {name:<14} {path}" for name, path in written.items()]
   return "\n".join(lines)

@@ -20,6 +20,9 @@ from byol_jax.views import device_augment
 
 DIVERGENCE_ADVICE = ("Lower --config.optimizer.base_lr or raise --config.warmup_epochs and rerun "
                      "the command with that change.")
+COLLAPSE_ADVICE = ("Remedy: rerun in a new workdir with a smaller --config.optimizer.base_lr "
+                   "(halve it) or a slower target (--config.base_tau=0.996); see README.md, "
+                   "'When the collapse monitor falls'.")
 # What a resumed run must share with its checkpoint to continue the same run
 # (`checkpoint.settings`); the learning rate and warmup may change: they are
 # the remedy DIVERGENCE_ADVICE gives.
@@ -71,6 +74,9 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
   # --- Train ---
   reporter = reporting.Reporter(workdir, total_steps=config.steps, batch_size=config.batch_size,
                                 enabled=chief)
+  watch = evaluation.CollapseWatch(COLLAPSE_ADVICE) if chief else None
+  for row in reporter.rows(until=start) if watch else []:  # the run's best before a resume
+    watch(row["step"], row)
   with ckpt:
     _, last = loop.train(
         state, update=update, batches=batches, mesh=mesh, start=start, total=config.steps,
@@ -78,6 +84,6 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
                          config.eval.every_steps),
         reporter=reporter, ckpt=ckpt, to_items=checkpoint.state_items,
         meta={"architecture": arch, "config": config.to_dict(), "settings": settings},
-        divergence_advice=DIVERGENCE_ADVICE, evaluate=evaluate)
+        divergence_advice=DIVERGENCE_ADVICE, evaluate=evaluate, watch=watch)
   reporter.plot()
   return last

@@ -104,13 +104,15 @@ class _LossHistory:
 
 def train(state, *, update, batches, mesh, start: int, total: int, every: Every, reporter,
           ckpt, to_items: Callable, meta: dict, divergence_advice: str,
-          evaluate: Optional[Callable] = None):
+          evaluate: Optional[Callable] = None, watch: Optional[Callable] = None):
   """Runs steps start..total-1 of `update`; returns (state, last metrics).
 
   The metrics gain `preempted_at_step` when SIGTERM or Ctrl-C stopped the loop
   early (after saving). `to_items(state)` gives the checkpoint items of a
-  state; `meta` is saved beside them, with the loss record added.
+  state; `meta` is saved beside them, with the loss record added. `watch(step,
+  metrics)` sees every reported row (training and evaluation).
   """
+  watch = watch or (lambda step, metrics: None)
   pending, last = [], {}
   history = _LossHistory(ckpt.read_meta(start) if start else {})
   reporter.drop_after(start)
@@ -129,6 +131,7 @@ def train(state, *, update, batches, mesh, start: int, total: int, every: Every,
         pending = []
       if log:
         reporter.write(done, last)
+        watch(done, last)
       if save:
         ckpt.save(done, to_items(state), {**meta, "loss": history.record()})
       if stop:
@@ -136,6 +139,7 @@ def train(state, *, update, batches, mesh, start: int, total: int, every: Every,
       if evaluate is not None and itstime(done, every.eval, total):
         eval_metrics = evaluate(state)
         reporter.write(done, eval_metrics, timed=False)
+        watch(done, eval_metrics)
         reporter.start_timer(done)  # evaluation time is not training speed
         last.update(eval_metrics)
   return state, last

@@ -35,7 +35,7 @@ def adaptation_mask(params):
   return {m: {n: is_adapted(m, n) for n in p} for m, p in params.items()}
 
 
-def lars(schedule, *, weight_decay, momentum=0.9, eta=1e-3):
+def lars(schedule, *, weight_decay, momentum=0.9, eta=1e-3, predictor_lr_multiplier=1.0):
   """LARS in the reference's order: decay, trust ratio, momentum, then lr.
 
   `optax.lars` scales by the learning rate before the momentum trace, so with a
@@ -44,14 +44,25 @@ def lars(schedule, *, weight_decay, momentum=0.9, eta=1e-3):
   two differ whenever the rate changes (all of warm-up and decay), hence this
   chain. The trust ratio is eta ||w|| / ||u|| per parameter tensor, 1 when
   either norm is 0.
+
+  `predictor_lr_multiplier` scales the predictor's rate: a faster predictor
+  stays nearer its optimum, which the BYOL paper (Table 21) shows can replace
+  the moving average. At 1 the chain is the reference's, state and all.
   """
-  return optax.chain(
+  chain = [
       optax.add_decayed_weights(weight_decay, mask=adaptation_mask),
       # optax's scale_by_trust_ratio takes no mask: wrap it, so excluded params keep trust 1.
       optax.masked(optax.scale_by_trust_ratio(trust_coefficient=eta, eps=0.0), adaptation_mask),
       optax.trace(decay=momentum, nesterov=False),
       optax.scale_by_learning_rate(schedule),
-  )
+  ]
+  if predictor_lr_multiplier != 1.0:
+    chain.append(optax.masked(optax.scale(predictor_lr_multiplier), predictor_mask))
+  return optax.chain(*chain)
+
+
+def predictor_mask(params):
+  return {m: {n: m.split("/")[0] == "predictor" for n in p} for m, p in params.items()}
 
 
 def lars_momentum(opt_state):
@@ -89,4 +100,5 @@ def schedules(config):
 def make_optimizer(config):
   lr, _ = schedules(config)
   return lars(lr, weight_decay=config.optimizer.weight_decay,
-              momentum=config.optimizer.momentum, eta=config.optimizer.eta)
+              momentum=config.optimizer.momentum, eta=config.optimizer.eta,
+              predictor_lr_multiplier=config.optimizer.predictor_lr_multiplier)
