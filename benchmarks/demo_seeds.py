@@ -13,7 +13,7 @@ and a summary (mean, min, max):
   pretraining's wall and CPU seconds (user + sys of the subprocess), and the
   compare job's.
 
-  python benchmarks/demo_seeds.py --seeds=0,1,2,3,4                    # ~5 x 4 min, idle
+  python benchmarks/demo_seeds.py --seeds=0,1,2,3,4                    # ~5 x 5.5 min, idle
   python benchmarks/demo_seeds.py --seeds=0,1,2,3,4 \
       --json=experiments/demo_seeds.json                               # refresh the record
   python benchmarks/demo_seeds.py --seeds=0 --set=optimizer.base_lr=0.5  # a variant

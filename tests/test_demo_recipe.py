@@ -4,7 +4,7 @@ It runs what `make demo` runs for one seed (`benchmarks/demo_seeds.py`:
 pretraining, then `--job=compare`, as subprocesses, on the recorded config and
 overrides) and checks that its figures lie within the range recorded over five
 seeds in experiments/demo_seeds.json, and that the collapse monitor never fell.
-About 6 CPU-minutes:
+About 10 CPU-minutes:
 
   BYOL_SLOW=1 python -m pytest tests/test_demo_recipe.py -q        # BYOL_SLOW_SEED=N: seed N
 
@@ -24,7 +24,7 @@ RECORD = os.path.join(REPO, "experiments", "demo_seeds.json")
 CHECKED = ("knn_byol", "linear_byol", "knn_gap", "linear_gap")
 
 pytestmark = pytest.mark.skipif(os.environ.get("BYOL_SLOW") != "1",
-                                reason="slow (~6 CPU-minutes): set BYOL_SLOW=1")
+                                reason="slow (~10 CPU-minutes): set BYOL_SLOW=1")
 
 
 def _demo_seeds():

@@ -20,8 +20,9 @@ from byol_jax.views import device_augment
 
 DIVERGENCE_ADVICE = ("Lower --config.optimizer.base_lr or raise --config.warmup_epochs and rerun "
                      "the command with that change.")
-COLLAPSE_ADVICE = ("Remedy: rerun in a new workdir with a smaller --config.optimizer.base_lr "
-                   "(halve it) or a slower target (--config.base_tau=0.996); see README.md, "
+COLLAPSE_ADVICE = ("Remedy: rerun in a new workdir with zero-initialised residual branches "
+                   "(--config.model.zero_init_residual=True) or a smaller "
+                   "--config.optimizer.base_lr (halve it); see README.md, "
                    "'When the collapse monitor falls'.")
 # What a resumed run must share with its checkpoint to continue the same run
 # (`checkpoint.settings`); the learning rate and warmup may change: they are
