@@ -41,7 +41,7 @@ LAUNCHER = REPO / "launch" / "local.py"
 
 # The ordinary init, not the demo's zero-initialised residual branches: with those, one BN
 # offset's LARS momentum came out 2e-4 (0.25%) apart between 1x8 and 2x4 after 3 steps (float
-# order), past the tolerance that every other tensor met.
+# order), past the test's tolerance.
 MODEL = ["--config.model.base_channels=8", "--config.model.projector_hidden=32",
          "--config.model.predictor_hidden=32", "--config.model.projection_dim=16",
          "--config.model.zero_init_residual=False"]
