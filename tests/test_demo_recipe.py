@@ -13,11 +13,12 @@ figures, which quote it) with
 `python benchmarks/demo_seeds.py --seeds=0,1,2,3,4 --json=experiments/demo_seeds.json`.
 """
 
-import importlib.util
 import json
 import os
 
 import pytest
+
+from tests.test_benchmarks import _env, _load
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECORD = os.path.join(REPO, "experiments", "demo_seeds.json")
@@ -27,23 +28,13 @@ pytestmark = pytest.mark.skipif(os.environ.get("BYOL_SLOW") != "1",
                                 reason="slow (~10 CPU-minutes): set BYOL_SLOW=1")
 
 
-def _demo_seeds():
-  spec = importlib.util.spec_from_file_location(
-      "demo_seeds", os.path.join(REPO, "benchmarks", "demo_seeds.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def test_one_seed_of_the_demo_lies_within_the_recorded_range(tmp_path, monkeypatch):
   # The demo's subprocesses see one CPU device, as under `make demo`, not conftest's 8: spread
   # over 8 the same recipe sums in another order; so run, it failed the range check (and took 2x).
-  flags = os.environ.get("XLA_FLAGS", "").split()
-  monkeypatch.setenv("XLA_FLAGS", " ".join(
-      f for f in flags if not f.startswith("--xla_force_host_platform_device_count")))
+  monkeypatch.setenv("XLA_FLAGS", _env()["XLA_FLAGS"])
   with open(RECORD) as f:
     record = json.load(f)
-  demo_seeds = _demo_seeds()
+  demo_seeds = _load("demo_seeds")
   seed = int(os.environ.get("BYOL_SLOW_SEED", "0"))
   args = demo_seeds.parse_args([f"--seeds={seed}", f"--config={record['config']}",
                                 *(f"--set={kv}" for kv in record["overrides"])])
