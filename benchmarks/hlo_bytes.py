@@ -13,6 +13,7 @@ It prints the total, then the bytes grouped by
 * the memory space each array is in: 0 is HBM; the others (`S(n)` in its layout)
   are on-chip memories that XLA's memory-space assignment moves arrays into
   (e.g. v4's CMEM), counted by XLA's cost analysis all the same;
+* the element type of each array (bf16, f32, ...; moves between spaces left out);
 * what the op is: convolution fusion, loop/input fusion (elementwise,
   reductions), copy (layout changes), collective, ...;
 * where it comes from, read off the op's `op_name` metadata: the forward or the
@@ -70,6 +71,14 @@ def space_bytes(shape: str) -> collections.Counter:
   for dtype, dims, layout in _ARRAY.findall(shape):
     space = re.search(r"S\((\d+)\)", layout or "")
     out[f"memory space {space.group(1) if space else 0}"] += array_bytes(dtype, dims, layout, True)
+  return out
+
+
+def dtype_bytes(shape: str) -> collections.Counter:
+  """Padded bytes of a shape's arrays by element type."""
+  out = collections.Counter()
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    out[dtype] += array_bytes(dtype, dims, layout, True)
   return out
 
 
@@ -149,8 +158,9 @@ def kind(opcode: str, attrs: str) -> str:
 def analyse(text: str, top: int = 25) -> dict:
   computations, entry, shapes = parse(text)
   totals = collections.Counter()
-  by_kind, by_source, by_space, ops = (collections.Counter(), collections.Counter(),
-                                       collections.Counter(), [])
+  by_kind, by_source, by_space, by_dtype, ops = (
+      collections.Counter(), collections.Counter(), collections.Counter(), collections.Counter(),
+      [])
 
   def walk(name: str, times: float):
     for inst_name, shape, opcode, operands, attrs in computations.get(name, []):
@@ -181,6 +191,8 @@ def analyse(text: str, top: int = 25) -> dict:
         for part in [shape] + [shapes.get((name, o), "") for o in operands]:
           for space, size in space_bytes(part).items():
             by_space[space] += times * size
+          for dtype, size in dtype_bytes(part).items():
+            by_dtype[dtype] += times * size
       totals["padded"] += sizes[True]
       totals["logical"] += sizes[False]
       where = "moves between memory spaces" if opcode in _ASYNC_MOVES else source(attrs)
@@ -192,6 +204,7 @@ def analyse(text: str, top: int = 25) -> dict:
   ops.sort(reverse=True)
   return {"bytes_padded": totals["padded"], "bytes_logical": totals["logical"],
           "by_space": dict(by_space.most_common()),
+          "by_dtype": dict(by_dtype.most_common()),
           "by_kind": dict(by_kind.most_common()), "by_source": dict(by_source.most_common()),
           "top_ops": [dict(bytes=b, name=n, kind=k, source=s, shape=sh)
                       for b, n, k, s, sh in ops[:top]]}
@@ -208,7 +221,7 @@ def main(argv=None):
   total = result["bytes_padded"]
   print(f"{args.hlo}: {total / 1e9:.2f} GB padded to TPU tiles, "
         f"{result['bytes_logical'] / 1e9:.2f} GB logical")
-  for title in ("by_space", "by_kind", "by_source"):
+  for title in ("by_space", "by_dtype", "by_kind", "by_source"):
     print(f"\n{title.replace('_', ' ')}:")
     for key, value in result[title].items():
       if value / total >= 0.002:

@@ -7,7 +7,8 @@ roofline ESTIMATE (byol_jax/train/roofline.py). `--calibrate` instead compiles a
 supervised ResNet-50 step (byol_jax's encoder and a linear head, SGD with Nesterov
 momentum, bf16, global batch 1024: the flax ImageNet example's setting) for a v3-8 and
 puts its roofline beside the flax example's published speed on a v3-8: how far to trust
-the estimate.
+the estimate. `--supervised=v4-8:512` compiles that same supervised step for any slice
+and batch: the yardstick a BYOL row is read against on its own chip.
 
 Needs libtpu (`pip install -e ".[tpu]"`); no TPU. A ResNet-50 compile takes ~3 CPU
 minutes and ~10 GB of host memory, so rows run one after another.
@@ -15,6 +16,7 @@ minutes and ~10 GB of host memory, so rows run one after another.
   python benchmarks/tpu_scale.py --rows=r50_bf16_v4 --out=runs/tpu_scale
   python benchmarks/tpu_scale.py --rows=all --out=runs/tpu_scale   # the whole table
   python benchmarks/tpu_scale.py --calibrate --out=runs/tpu_scale
+  python benchmarks/tpu_scale.py --supervised=v4-8:512,v5p-8:512 --out=runs/tpu_scale
 """
 
 import argparse
@@ -44,6 +46,10 @@ ROWS = {
     "r50_bf16_v5p_x2": ("resnet50_imagenet", "v5p-128", 2, BF16),
     "r50_bf16_v3": ("resnet50_imagenet", "v3-512", 1, BF16),  # the reference's 512 v3 cores
     "r50_bf16_v4_64": ("resnet50_imagenet", "v4-64", 1, BF16),  # 128 per chip
+    "r50_bf16_v4_32": ("resnet50_imagenet", "v4-32", 1, BF16),  # 256 per chip
+    "r50_bf16_v5p_64": ("resnet50_imagenet", "v5p-64", 1, BF16),  # 128 per chip
+    "r50_bf16_v5p_32": ("resnet50_imagenet", "v5p-32", 1, BF16),  # 256 per chip
+    "r50_bf16_v5p_16": ("resnet50_imagenet", "v5p-16", 1, BF16),  # 512 per chip
     "r200x2_v4": ("resnet200x2_imagenet", "v4-128", 1, ()),  # bf16 is its default
     "r50_gn_ws_v4": ("resnet50_imagenet_gn_ws", "v4-128", 1, BF16),
     "r200x2_noremat_v4": ("resnet200x2_imagenet", "v4-128", 1, ("--config.model.remat=False",)),
@@ -92,9 +98,11 @@ def run_row(name: str, out: str) -> dict:
   return row
 
 
-def calibrate(out: str, max_pool: str = "auto") -> dict:
-  """The supervised step's roofline on a v3-8 beside the flax example's published speed;
-  `max_pool` "slices" compiles the stem pool as it was before it became reduce_window on TPU."""
+def supervised(out: str, topology_name: str = "v3-8", batch: int = 1024,
+               max_pool: str = "auto") -> dict:
+  """Compiles the supervised step (encoder + linear head fine-tuned with SGD, bf16) for
+  `topology_name` at global `batch`; its FLOPs, bytes and roofline, written to
+  `out/supervised_<topology>_<batch>.json` with the optimised HLO beside it."""
   from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
   from byol_jax.train import compile as compile_lib  # pylint: disable=g-import-not-at-top
   from byol_jax.train import linear_step, parallel, roofline, topology
@@ -102,39 +110,51 @@ def calibrate(out: str, max_pool: str = "auto") -> dict:
 
   config = config_lib.load("resnet50_imagenet")
   config.linear_eval.fine_tune = True     # the encoder trains: a supervised step
-  config.linear_eval.batch_size = 1024
+  config.linear_eval.batch_size = batch
   config.model.max_pool = max_pool
   config = config_lib.finalize(config, roofline.IMAGENET_TRAIN, 1000)
-  topo = topology.parse("v3-8")
+  topo = topology.parse(topology_name)
   mesh = parallel.make_mesh(topology.devices(topo))
-  steps = compile_lib.build_steps(config, mesh, steps=("linear_eval",))
-  step = steps["linear_eval"]
-  le = config.linear_eval
-  bf16 = linear_step.make_linear_step(config, mesh, lr=le.base_lr, weight_decay=1e-4,
-                                      steps=1000, compute_dtype="bfloat16")
+  step = compile_lib.build_steps(config, mesh, steps=("linear_eval",))["linear_eval"]
+  bf16 = linear_step.make_linear_step(config, mesh, lr=config.linear_eval.base_lr,
+                                      weight_decay=1e-4, steps=1000, compute_dtype="bfloat16")
   step = compile_lib.Step(bf16.update, step.args, step.examples)
   os.makedirs(out, exist_ok=True)
   cpu = time.process_time()
-  name = "calibration" if max_pool == "auto" else f"calibration_{max_pool}"
+  name = f"supervised_{topo.name}_{batch}" + ("" if max_pool == "auto" else f"_{max_pool}")
   row = compile_lib.compile_step("supervised", step, os.path.join(out, f"{name}.hlo.txt"))
   row["cpu_s"] = time.process_time() - cpu
   per_device = step.examples / topo.num_devices
-  chip = roofline.CHIPS["v3"]
-  row["roofline"] = roofline.estimate(row["flops"], row["bytes_accessed"], per_device, chip,
-                                      topo.devices_per_chip)
+  row["roofline"] = roofline.estimate(row["flops"], row["bytes_accessed"], per_device,
+                                      roofline.CHIPS[topo.generation], topo.devices_per_chip)
+  row.update(topology=topo.name, batch=batch, examples_per_device=per_device,
+             examples_per_chip=per_device * topo.devices_per_chip, max_pool=max_pool,
+             jax_version=jax.__version__)
+  r = row["roofline"]
+  print(f"supervised ResNet-50, bf16, batch {batch} on {topo.name} "
+        f"({row['examples_per_chip']:g} per chip): {row['flops'] / 1e12:.3f} TFLOP and "
+        f"{row['bytes_accessed'] / 1e9:.1f} GB per device ({r['bytes_per_flop']:.4f} B/FLOP); "
+        f"roofline {r['step_s'] * 1e3:.0f} ms ({r['bound']}-bound), "
+        f"{r['images_per_s_per_chip']:.0f} images/s per chip, MFU ceiling "
+        f"{r['mfu_ceiling']:.0%}", flush=True)
+  with open(os.path.join(out, f"{name}.json"), "w") as f:
+    json.dump(row, f, indent=2, default=float)
+  return row
+
+
+def calibrate(out: str, max_pool: str = "auto") -> dict:
+  """The supervised step's roofline on a v3-8 at batch 1024 (the flax example's setting)
+  beside that example's published speed; `max_pool` "slices" compiles the stem pool as it
+  was before it became reduce_window on TPU."""
+  from byol_jax.train import roofline  # pylint: disable=g-import-not-at-top
+  row = supervised(out, "v3-8", 1024, max_pool)
   estimate = row["roofline"]["images_per_s_per_chip"]
   published = roofline.FLAX_IMAGES_PER_S_PER_V3_CHIP
-  row.update(topology=topo.name, examples_per_device=per_device, max_pool=max_pool,
-             published_images_per_s_per_chip=published, calibration=published / estimate,
-             published_step_s=per_device * topo.devices_per_chip / published,
-             jax_version=jax.__version__)
-  print(f"supervised ResNet-50, bf16, batch 1024 on {topo.name}: "
-        f"{row['flops'] / 1e12:.3f} TFLOP and {row['bytes_accessed'] / 1e9:.1f} GB per device "
-        f"({row['roofline']['bytes_per_flop']:.4f} B/FLOP); roofline "
-        f"{row['roofline']['step_s'] * 1e3:.0f} ms ({row['roofline']['bound']}-bound), "
-        f"{estimate:.0f} images/s per chip; published {published:.0f} "
-        f"({row['published_step_s'] * 1e3:.0f} ms): published / estimate = "
-        f"{row['calibration']:.2f}", flush=True)
+  row.update(published_images_per_s_per_chip=published, calibration=published / estimate,
+             published_step_s=row["examples_per_chip"] / published)
+  print(f"published {published:.0f} images/s per chip ({row['published_step_s'] * 1e3:.0f} "
+        f"ms): published / estimate = {row['calibration']:.2f}", flush=True)
+  name = "calibration" if max_pool == "auto" else f"calibration_{max_pool}"
   with open(os.path.join(out, f"{name}.json"), "w") as f:
     json.dump(row, f, indent=2, default=float)
   return row
@@ -142,7 +162,7 @@ def calibrate(out: str, max_pool: str = "auto") -> dict:
 
 def table(out: str) -> str:
   """experiments/tpu_scale.md's table: one markdown row per compiled row of rows.jsonl (the
-  last run of each), read through the calibration of calibration.json."""
+  last run of each, in ROWS' order), read through the calibration of calibration.json."""
   from byol_jax.train import roofline  # pylint: disable=g-import-not-at-top
   with open(os.path.join(out, "calibration.json")) as f:
     calibration = json.load(f)["calibration"]
@@ -156,7 +176,9 @@ def table(out: str) -> str:
            "| all-reduce | roofline step | images/s per chip: estimate, x calibration | MFU "
            "ceiling | reference at its MFU on this chip |",
            "|" + "---|" * 13]
-  for name, row in rows.items():
+  order = list(ROWS)
+  for name, row in sorted(rows.items(), key=lambda item: (
+      order.index(item[0]) if item[0] in order else len(order))):
     report = row.get("report") or {}
     step = report.get("steps", {}).get("pretrain")
     if row["returncode"] or not step:
@@ -178,22 +200,45 @@ def table(out: str) -> str:
   return "\n".join(lines)
 
 
+def yardstick_table(out: str) -> str:
+  """The supervised steps of `--supervised` (supervised_*.json in --out), one row each."""
+  lines = ["| supervised step | batch per chip | TFLOP | GB | B/FLOP | roofline step | MFU ceiling |",
+           "|" + "---|" * 7]
+  for name in sorted(os.listdir(out)):
+    if not (name.startswith("supervised_") and name.endswith(".json")):
+      continue
+    with open(os.path.join(out, name)) as f:
+      row = json.load(f)
+    r = row["roofline"]
+    lines.append(f"| {row['topology']}, batch {row['batch']} | {row['examples_per_chip']:g} "
+                 f"| {row['flops'] / 1e12:.3f} | {row['bytes_accessed'] / 1e9:.1f} "
+                 f"| {r['bytes_per_flop']:.4f} | {r['step_s'] * 1e3:.1f} ms, {r['bound']} "
+                 f"| {r['mfu_ceiling']:.0%} |")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--rows", default="", help=f"'all' or a comma list of {', '.join(ROWS)}")
   parser.add_argument("--calibrate", action="store_true")
   parser.add_argument("--max_pool", default="auto", choices=("auto", "slices"),
                       help="--calibrate: the stem pool (slices: as before it changed on TPU)")
+  parser.add_argument("--supervised", default="",
+                      help="Comma list of TOPOLOGY:BATCH (e.g. v4-8:512) to compile the "
+                           "supervised step for, the yardstick of the BYOL rows on that chip.")
   parser.add_argument("--table", action="store_true",
                       help="Print the markdown table of what --out holds, then exit.")
   parser.add_argument("--out", default="runs/tpu_scale")
   args = parser.parse_args(argv)
   out = os.path.abspath(args.out)
   if args.table:
-    print(table(out))
+    print(table(out) + "\n\n" + yardstick_table(out))
     return 0
   if args.calibrate:
     calibrate(out, args.max_pool)
+  for item in filter(None, args.supervised.split(",")):
+    topology_name, _, batch = item.partition(":")
+    supervised(out, topology_name, int(batch or 1024))
   names = list(ROWS) if args.rows == "all" else [r for r in args.rows.split(",") if r]
   for name in names:
     if name not in ROWS:

@@ -14,6 +14,7 @@ import pytest
 from byol_jax import config_lib
 from byol_jax.data import datasets, input_pipeline
 from byol_jax.errors import ConfigError
+from byol_jax.jobs import compile as compile_job
 from byol_jax.train import compile as compile_lib
 from byol_jax.train import roofline, topology
 
@@ -190,6 +191,25 @@ def test_a_batch_too_big_for_the_chip_gets_the_memory_error(tmp_path):
   assert json.loads((tmp_path / "compile_report.json").read_text())["error"].startswith("eval:")
 
 
+def _row(bound, hbm_fraction):
+  return {"roofline": {"bound": bound}, "hbm_fraction": hbm_fraction}
+
+
+def test_a_memory_bound_step_with_hbm_to_spare_is_pointed_at_a_denser_slice():
+  """ResNet-50 at batch 4096 on v5p-128 used 5.6% of HBM: 8x the batch per chip still leaves
+  20% free by linear scaling, so v5p-16 (8 chips, 512 each)."""
+  hint = compile_job._denser_slice(_row("memory", 0.056), 4096, topology.parse("v5p-128"))
+  assert "--config.compile.topology=v5p-16 puts 512 per chip in about 45% of HBM" in hint
+  # Never below four chips; no hint when compute-bound, tight, or multi-slice.
+  hint = compile_job._denser_slice(_row("memory", 0.001), 4096, topology.parse("v4-32"))
+  assert "topology=v4-8 puts 1024 per chip" in hint
+  assert compile_job._denser_slice(_row("compute", 0.056), 4096,
+                                   topology.parse("v5p-128")) is None
+  assert compile_job._denser_slice(_row("memory", 0.5), 4096, topology.parse("v5p-128")) is None
+  assert compile_job._denser_slice(_row("memory", 0.056), 4096,
+                                   topology.parse("v5p-128", num_slices=2)) is None
+
+
 # --- benchmarks/hlo_bytes.py: where a step's bytes come from --------------------
 
 HLO_LOOP = """
@@ -226,3 +246,4 @@ def test_hlo_bytes_by_hand():
                                  "moves between memory spaces": move}
   assert result["by_space"] == {"memory space 0": fusion + loop,
                                 "moves between memory spaces": move}
+  assert result["by_dtype"] == {"f32": loop, "bf16": fusion}

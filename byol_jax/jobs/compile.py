@@ -17,6 +17,7 @@ with one line: what it needs, what the chip has, what to change.
 import json
 import math
 import os
+from typing import Optional
 
 import jax
 
@@ -98,6 +99,12 @@ def run(config, workdir) -> dict:
         f"{roofline.REFERENCE_IMAGES_PER_S_PER_V3_CHIP:.0f} images/s per v3 chip. Report: {path}",
         flush=True)
   over = [(n, r) for n, r in report["steps"].items() if r["hbm_fraction"] > 1.0]
+  hint = None if over or "pretrain" not in steps else _denser_slice(
+      report["steps"]["pretrain"], config.batch_size, topo)
+  if hint:
+    report["hint"] = hint
+    _write(path, report)
+    print(f"[compile] {hint}", flush=True)
   if over:
     name, row = max(over, key=lambda item: item[1]["hbm_fraction"])
     raise ConfigError(_does_not_fit(name, row["hbm_needed"], hbm, config, topo))
@@ -148,6 +155,24 @@ def _advice(config, topo, step: str, excess: float) -> str:
   options.append(f"a bigger slice: --config.compile.topology="
                  f"{topology.cloud_name(topo.generation, bigger)}")
   return "To fit it, use " + ", or ".join(options) + "."
+
+
+def _denser_slice(row: dict, batch: int, topo) -> Optional[str]:
+  """For a memory-bound update step with HBM to spare: the smallest slice that holds the
+  same batch with HEADROOM, memory scaled linearly with the batch per chip (an estimate).
+  More examples per chip move fewer bytes per FLOP (experiments/tpu_scale.md)."""
+  if row["roofline"]["bound"] != "memory" or topo.num_slices > 1:
+    return None
+  factor = 2 ** math.floor(math.log2((1 - HEADROOM) / row["hbm_fraction"]))
+  chips = max(4, topo.chips // max(factor, 1))
+  if chips >= topo.chips or batch % chips:
+    return None
+  fraction = row["hbm_fraction"] * topo.chips / chips
+  return (f"The pretrain step is memory-bound and uses {row['hbm_fraction']:.0%} of HBM. The "
+          f"same batch on fewer chips moves fewer bytes per FLOP (a higher MFU ceiling, fewer "
+          f"images/s in all): --config.compile.topology="
+          f"{topology.cloud_name(topo.generation, chips)} puts {batch // chips} per chip in about "
+          f"{fraction:.0%} of HBM (scaled linearly; compile it to check).")
 
 
 def _nbytes(tree) -> int:
