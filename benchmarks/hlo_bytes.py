@@ -65,21 +65,13 @@ def shape_bytes(shape: str, padded: bool) -> float:
   return sum(array_bytes(d, dims, layout or "", padded) for d, dims, layout in _ARRAY.findall(shape))
 
 
-def space_bytes(shape: str) -> collections.Counter:
-  """Padded bytes of a shape's arrays by memory space (the n of `S(n)`; 0 without one)."""
-  out = collections.Counter()
+def padded_arrays(shape: str):
+  """(memory space, element type, padded bytes) of each array of a shape; the space is the n
+  of `S(n)` in its layout, 0 without one."""
   for dtype, dims, layout in _ARRAY.findall(shape):
     space = re.search(r"S\((\d+)\)", layout or "")
-    out[f"memory space {space.group(1) if space else 0}"] += array_bytes(dtype, dims, layout, True)
-  return out
-
-
-def dtype_bytes(shape: str) -> collections.Counter:
-  """Padded bytes of a shape's arrays by element type."""
-  out = collections.Counter()
-  for dtype, dims, layout in _ARRAY.findall(shape):
-    out[dtype] += array_bytes(dtype, dims, layout, True)
-  return out
+    yield (f"memory space {space.group(1) if space else 0}", dtype,
+           array_bytes(dtype, dims, layout, True))
 
 
 def split_instruction(line: str):
@@ -189,9 +181,8 @@ def analyse(text: str, top: int = 25) -> dict:
         sizes[padded] = times * (shape_bytes(shape, padded) + operand_bytes)
       if opcode not in _ASYNC_MOVES:
         for part in [shape] + [shapes.get((name, o), "") for o in operands]:
-          for space, size in space_bytes(part).items():
+          for space, dtype, size in padded_arrays(part):
             by_space[space] += times * size
-          for dtype, size in dtype_bytes(part).items():
             by_dtype[dtype] += times * size
       totals["padded"] += sizes[True]
       totals["logical"] += sizes[False]

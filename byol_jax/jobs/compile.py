@@ -29,6 +29,7 @@ from byol_jax.train import parallel, roofline, topology
 
 REPORT = "compile_report.json"
 HEADROOM = 0.2  # a step with less free HBM than this is flagged as tight
+SMALLEST_SLICE = 4  # chips: the fewest a slice name is suggested with
 BATCH_FIELDS = {"pretrain": "batch_size", "eval": "eval.batch_size",
                 "linear_eval": "linear_eval.batch_size"}
 GIB = 2.0**30
@@ -92,18 +93,18 @@ def run(config, workdir) -> dict:
       raise ConfigError(f"The {e.step} step does not fit a {topo.generation} device: "
                         f"{e.message} {_advice(config, topo, e.step, 2.0)}") from None
     raise ConfigError(_does_not_fit(e.step, e.needed, e.available, config, topo)) from None
+  over = [(n, r) for n, r in report["steps"].items() if r["hbm_fraction"] > 1.0]
+  hint = None if over or "pretrain" not in steps else _denser_slice(
+      report["steps"]["pretrain"], config.batch_size, topo)
+  if hint:
+    report["hint"] = hint
   _write(path, report)
   print(f"[compile] roofline = max(FLOPs / bf16 peak, bytes / HBM bandwidth): an estimate, not a "
         f"measurement; calibrated = x{roofline.CALIBRATION} (a supervised ResNet-50 step's "
         f"published v3 speed over its estimate). DeepMind's reference ran "
         f"{roofline.REFERENCE_IMAGES_PER_S_PER_V3_CHIP:.0f} images/s per v3 chip. Report: {path}",
         flush=True)
-  over = [(n, r) for n, r in report["steps"].items() if r["hbm_fraction"] > 1.0]
-  hint = None if over or "pretrain" not in steps else _denser_slice(
-      report["steps"]["pretrain"], config.batch_size, topo)
   if hint:
-    report["hint"] = hint
-    _write(path, report)
     print(f"[compile] {hint}", flush=True)
   if over:
     name, row = max(over, key=lambda item: item[1]["hbm_fraction"])
@@ -151,7 +152,7 @@ def _advice(config, topo, step: str, excess: float) -> str:
   if not config.model.remat and step != "eval":
     options.append("--config.model.remat=True (recompute activations in the backward pass)")
   chips = topo.chips // topo.num_slices
-  bigger = max(4, 2 ** math.ceil(math.log2(chips * shrink)))
+  bigger = max(SMALLEST_SLICE, 2 ** math.ceil(math.log2(chips * shrink)))
   options.append(f"a bigger slice: --config.compile.topology="
                  f"{topology.cloud_name(topo.generation, bigger)}")
   return "To fit it, use " + ", or ".join(options) + "."
@@ -164,7 +165,7 @@ def _denser_slice(row: dict, batch: int, topo) -> Optional[str]:
   if row["roofline"]["bound"] != "memory" or topo.num_slices > 1:
     return None
   factor = 2 ** math.floor(math.log2((1 - HEADROOM) / row["hbm_fraction"]))
-  chips = max(4, topo.chips // max(factor, 1))
+  chips = max(SMALLEST_SLICE, topo.chips // max(factor, 1))
   if chips >= topo.chips or batch % chips:
     return None
   fraction = row["hbm_fraction"] * topo.chips / chips
