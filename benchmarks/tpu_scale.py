@@ -3,7 +3,7 @@ r"""The rows of experiments/tpu_scale.md: the steps compiled for Cloud TPU slice
 Each row runs `python -m byol_jax.main --job=compile` (the pre-flight a user runs, with
 the command printed) into --out/ROW/ and reads its compile_report.json: per-device
 memory against the chip's HBM, FLOPs and bytes per step, all-reduce bytes and the
-roofline ESTIMATE (byol_jax/train/roofline.py). `--calibrate` instead compiles a
+roofline ESTIMATE (byol_jax/preflight/roofline.py). `--calibrate` instead compiles a
 supervised ResNet-50 step (byol_jax's encoder and a linear head, SGD with Nesterov
 momentum, bf16, global batch 1024: the flax ImageNet example's setting) for a v3-8 and
 puts its roofline beside the flax example's published speed on a v3-8: how far to trust
@@ -104,8 +104,9 @@ def supervised(out: str, topology_name: str = "v3-8", batch: int = 1024,
   `topology_name` at global `batch`; its FLOPs, bytes and roofline, written to
   `out/supervised_<topology>_<batch>.json` with the optimised HLO beside it."""
   from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from byol_jax.train import compile as compile_lib  # pylint: disable=g-import-not-at-top
-  from byol_jax.train import linear_step, parallel, roofline, topology
+  from byol_jax.preflight import compile as compile_lib  # pylint: disable=g-import-not-at-top
+  from byol_jax.preflight import roofline, topology  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import linear_step, parallel
   import jax  # pylint: disable=g-import-not-at-top
 
   config = config_lib.load("resnet50_imagenet")
@@ -146,7 +147,7 @@ def calibrate(out: str, max_pool: str = "auto") -> dict:
   """The supervised step's roofline on a v3-8 at batch 1024 (the flax example's setting)
   beside that example's published speed; `max_pool` "slices" compiles the stem pool as it
   was before it became reduce_window on TPU."""
-  from byol_jax.train import roofline  # pylint: disable=g-import-not-at-top
+  from byol_jax.preflight import roofline  # pylint: disable=g-import-not-at-top
   row = supervised(out, "v3-8", 1024, max_pool)
   estimate = row["roofline"]["images_per_s_per_chip"]
   published = roofline.FLAX_IMAGES_PER_S_PER_V3_CHIP
@@ -163,7 +164,7 @@ def calibrate(out: str, max_pool: str = "auto") -> dict:
 def table(out: str) -> str:
   """experiments/tpu_scale.md's table: one markdown row per compiled row of rows.jsonl (the
   last run of each, in ROWS' order), read through the calibration of calibration.json."""
-  from byol_jax.train import roofline  # pylint: disable=g-import-not-at-top
+  from byol_jax.preflight import roofline  # pylint: disable=g-import-not-at-top
   with open(os.path.join(out, "calibration.json")) as f:
     calibration = json.load(f)["calibration"]
   rows = {}

@@ -52,7 +52,8 @@ def _main(argv):
                              "and exports (e.g. --workdir=runs/demo).")
   # Libraries (orbax above all) log every save at INFO; keep their warnings, drop the rest.
   logging.get_absl_handler().addFilter(_OwnInfoOnly())
-  from byol_jax.train import parallel, topology  # pylint: disable=g-import-not-at-top
+  from byol_jax.preflight import topology  # pylint: disable=g-import-not-at-top
+  from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
   topology.quiet_libtpu()  # a host without TPUs that has libtpu (the [tpu] extra) runs quietly
   parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   result = jobs.run(_JOB.value, flags.FLAGS.config, _WORKDIR.value,

@@ -15,8 +15,8 @@ from byol_jax import config_lib
 from byol_jax.data import datasets, input_pipeline
 from byol_jax.errors import ConfigError
 from byol_jax.jobs import compile as compile_job
-from byol_jax.train import compile as compile_lib
-from byol_jax.train import roofline, topology
+from byol_jax.preflight import compile as compile_lib
+from byol_jax.preflight import roofline, topology
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -6,10 +6,10 @@
 compiles what `--job=pretrain` runs there (the update step with its device
 augmentation, and the evaluation forward) and the `--job=linear_eval` step,
 with the TPU compiler (libtpu: `pip install -e ".[tpu]"`), reading no data and
-allocating nothing (`train/compile.py`). It prints per device, for each step:
+allocating nothing (`preflight/compile.py`). It prints per device, for each step:
 memory against the chip's HBM, FLOPs and HBM bytes per step, the all-reduce
 bytes, and a roofline ESTIMATE of step time, images/s per chip and the MFU
-ceiling (`train/roofline.py`), and writes compile_report.json (in --workdir,
+ceiling (`preflight/roofline.py`), and writes compile_report.json (in --workdir,
 else the current directory). A step that does not fit the chip ends the job
 with one line: what it needs, what the chip has, what to change.
 """
@@ -24,8 +24,9 @@ import jax
 from byol_jax import config_lib, fileio
 from byol_jax.data import datasets
 from byol_jax.errors import ConfigError
-from byol_jax.train import compile as compile_lib
-from byol_jax.train import parallel, roofline, topology
+from byol_jax.preflight import compile as compile_lib
+from byol_jax.preflight import roofline, topology
+from byol_jax.train import parallel
 
 REPORT = "compile_report.json"
 HEADROOM = 0.2  # a step with less free HBM than this is flagged as tight
@@ -55,7 +56,7 @@ def run(config, workdir) -> dict:
   chip = roofline.CHIPS[topo.generation]
   hbm = chip.hbm_bytes / topo.devices_per_chip
   report = {"note": "roofline figures are ESTIMATES from the compiled program's cost analysis "
-                    "(train/roofline.py), not measurements",
+                    "(preflight/roofline.py), not measurements",
             "topology": dict(topo._asdict(), topology_name=topo.topology_name, chips=topo.chips,
                              devices=topo.num_devices),
             "chip": dict(chip._asdict(), hbm_bytes_per_device=hbm),

@@ -4,8 +4,5 @@
 (the linear-eval / fine-tune classifier's step), `optim` (LARS and the lr / tau
 schedules), `parallel` (mesh, shardings, `jax.distributed`), `loop` (periodic
 actions, preemption), `checkpoint` (orbax) and `workdir_lock` (one run per
-workdir); for `--job=compile`: `topology` (Cloud TPU slices as compile-only
-devices), `compile` (the steps lowered and compiled for them, and what the
-compiler reports) and `roofline` (chip peaks and the roofline estimate). May
-import `data`, `model`, `views` and the shared utilities.
+workdir). May import `data`, `model`, `views` and the shared utilities.
 """
