@@ -140,7 +140,11 @@ def get_base_config() -> ml_collections.ConfigDict:
       every_steps=5000,               # probe top-1/5, kNN and collapse monitor on held-out data
       batch_size=1024,                # global batch of evaluation forwards (kNN, probe)
       knn_k=200, knn_temperature=0.1,
-      max_examples=-1,                # cap on examples used by periodic eval (-1: all)
+      # Periodic evaluation's kNN bank (None: data.train_split). A slice such as
+      # "train[:10%]" is a fixed subset (sources.py); --job=knn always reads all of
+      # data.train_split.
+      knn_train_split=ml_collections.FieldReference(None, field_type=str),
+      knn_bank_dtype="float32",       # "bfloat16": half the bank's bytes, float32 accumulation
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 50

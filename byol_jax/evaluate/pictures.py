@@ -4,8 +4,9 @@ Both show the frozen `embedding` features that kNN and the probe read, for
 each encoder of the comparison side by side (BYOL, random init):
 
 * `neighbours.png`: test images (the first of each of up to 8 classes), each
-  with its 5 nearest training images by cosine similarity (kNN's measure); a
-  red frame marks a neighbour of another class.
+  with its 5 nearest training images by cosine similarity (kNN's measure,
+  `knn.nearest` over the sharded bank); a red frame marks a neighbour of
+  another class.
 * `embedding_map.png`: t-SNE (scikit-learn) of the test embeddings, coloured
   by class. t-SNE keeps neighbourhoods, not distances: read clusters, not gaps.
 
@@ -35,13 +36,6 @@ def pick_queries(labels: np.ndarray, count: int = NUM_QUERIES) -> np.ndarray:
   firsts = [int(np.flatnonzero(labels == c)[0]) for c in np.unique(labels[labels >= 0])]
   rest = [i for i in range(len(labels)) if i not in set(firsts)]
   return np.asarray((firsts + rest)[:count], np.int64)
-
-
-def nearest(train: np.ndarray, queries: np.ndarray, k: int = NUM_NEIGHBOURS) -> np.ndarray:
-  """Indices [Q, k] of the k most cosine-similar training rows of each query, nearest first."""
-  unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-  sims = unit(queries.astype(np.float64)) @ unit(train.astype(np.float64)).T
-  return np.argsort(-sims, axis=1, kind="stable")[:, :k]
 
 
 def _pyplot():

@@ -17,7 +17,8 @@ import jax
 
 from byol_jax import config_lib, fileio
 from byol_jax.data import datasets
-from byol_jax.evaluate import pictures, readout
+from byol_jax.evaluate import features as features_lib
+from byol_jax.evaluate import knn, pictures, readout
 from byol_jax.train import checkpoint
 
 PROBE_STEPS = 500
@@ -30,7 +31,8 @@ def run(config, workdir: str, mesh) -> dict:
   config, nets, params, state = checkpoint.load_pretrained(config, source, mesh)
   config = _with_pretrain_seed(config, source)
   splits = dict(train_split=config.data.train_split, test_split=config.data.test_split,
-                batch_size=config.eval.batch_size, probe_steps=PROBE_STEPS, probe_lr=PROBE_LR)
+                batch_size=config.eval.batch_size, probe_steps=PROBE_STEPS, probe_lr=PROBE_LR,
+                sample=features_lib.HOST_SAMPLE)
   byol = readout.read_out_features(config, nets, params, state, mesh, **splits)
   random = readout.random_baseline(config_lib.prepare(config, mesh), mesh,
                                    bn_split=config.data.train_split,
@@ -42,9 +44,11 @@ def run(config, workdir: str, mesh) -> dict:
             "linear_probe": f"softmax regression on frozen standardised embeddings, Adam "
                             f"{PROBE_STEPS} steps, lr {PROBE_LR}, L2 chosen on 10% held out",
             "knn": f"cosine, k={config.eval.knn_k}, T={config.eval.knn_temperature}"}
+  features = {name: out[1:] for name, out in zip(dict(ROWS).values(), (byol, random))}
+  finite = all(r["finite"] for r in results.values())
+  neighbours = nearest_neighbours(features, mesh) if finite else {}  # on every process
   if jax.process_index() == 0:
-    features = {name: out[1:] for name, out in zip(dict(ROWS).values(), (byol, random))}
-    report["pictures"] = draw_pictures(config, workdir, features, results)
+    report["pictures"] = draw_pictures(config, workdir, features, results, neighbours)
     path = os.path.join(workdir, "compare_results.json")
     fileio.write_text(path, json.dumps(report, indent=2))
     print(table(report), flush=True)
@@ -52,36 +56,47 @@ def run(config, workdir: str, mesh) -> dict:
   return report
 
 
-def draw_pictures(config, workdir: str, features: dict, results: dict) -> dict:
-  """neighbours.png and embedding_map.png of each encoder's (train, test) features;
-  {what: path} of those drawn."""
+def nearest_neighbours(features: dict, mesh) -> dict:
+  """{encoder: (positions, labels) [Q, k]} of the picture's queries' nearest training rows:
+  the queries come from the test split's host sample."""
+  sample = next(iter(features.values()))[1].sample
+  queries = pictures.pick_queries(sample["label"])
+  return {name: knn.nearest(train, test.sample["embedding"][queries], mesh,
+                            pictures.NUM_NEIGHBOURS)
+          for name, (train, test) in features.items()}
+
+
+def draw_pictures(config, workdir: str, features: dict, results: dict,
+                  neighbours: dict) -> dict:
+  """neighbours.png and embedding_map.png of each encoder, from the test split's host
+  sample (`features.HOST_SAMPLE` rows) and `nearest_neighbours`; {what: path} of those
+  drawn."""
   if not all(r["finite"] for r in results.values()):
     print("[compare] no pictures: an encoder gave non-finite features", flush=True)
     return {}
   train_split, test_split = config.data.train_split, config.data.test_split
-  labels = next(iter(features.values()))[1]["label"]
+  sample = next(iter(features.values()))[1].sample
+  labels = sample["label"]
   class_names = getattr(datasets.load_source(config, test_split), "class_names", ())
   written = {}
   queries = pictures.pick_queries(labels)
-  query_images = datasets.example_images(config, test_split, queries)
+  query_images = datasets.example_images(config, test_split, sample["position"][queries])
   if query_images is None:
     print(f"[compare] no neighbours.png: {test_split} is streamed, without random access to "
           "its images", flush=True)
   else:
-    neighbours = {}
-    for name, (train, test) in features.items():
-      rows = pictures.nearest(train["embedding"], test["embedding"][queries])
-      neighbours[name] = {"labels": train["label"][rows],
-                          "images": [datasets.example_images(config, train_split, r)
-                                     for r in rows]}
+    drawn = {name: {"labels": found_labels,
+                    "images": [datasets.example_images(config, train_split, p)
+                               for p in positions]}
+             for name, (positions, found_labels) in neighbours.items()}
     written["neighbours"] = pictures.draw_neighbours(
         os.path.join(workdir, "neighbours.png"),
-        {"images": query_images, "labels": labels[queries]}, neighbours, class_names)
+        {"images": query_images, "labels": labels[queries]}, drawn, class_names)
   titles = {name: f"{name}: kNN {100 * results[key]['knn_top1']:.1f}%" for key, name in ROWS}
   written["embedding map"] = pictures.draw_embedding_map(
       os.path.join(workdir, "embedding_map.png"),
-      {name: test["embedding"] for name, (_, test) in features.items()}, labels, class_names,
-      seed=config.seed, titles=titles)
+      {name: test.sample["embedding"] for name, (_, test) in features.items()}, labels,
+      class_names, seed=config.seed, titles=titles)
   return written
 
 

@@ -70,7 +70,7 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
 
   def evaluate(state):
     return evaluation.evaluate_on_splits(config, embed, state.online_params, state.online_state,
-                                         mesh, max_examples=config.eval.max_examples)
+                                         mesh, train_split=evaluation.periodic_train_split(config))
 
   # --- Train ---
   reporter = reporting.Reporter(workdir, total_steps=config.steps, batch_size=config.batch_size,
