@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from byol_jax import config_lib, jobs
-from byol_jax.evaluate import evaluation, pictures, readout
+from byol_jax.evaluate import evaluation, knn, pictures, readout
 from byol_jax.jobs import compare
+from byol_jax.train import parallel
 from tests.test_main import tiny_config
 
 
@@ -46,7 +47,6 @@ def test_writes_results_and_lists_the_files(compared):
 def test_random_baseline_reestimates_bn_statistics_only():
   """Same weights as BYOL's starting point; BN averages move off Haiku's initial zeros."""
   import jax  # pylint: disable=g-import-not-at-top
-  from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh()
   config = config_lib.prepare(tiny_config(**{"eval.batch_size": 128}), mesh)
   _, _, params0, initial = readout.initial_network(config, mesh)
@@ -56,8 +56,8 @@ def test_random_baseline_reestimates_bn_statistics_only():
   moved = jax.tree.map(lambda a, b: bool((a != b).any()), initial, state)
   assert any(jax.tree.leaves(moved))
   after = readout.features(config, nets, params, state, "test[:128]", mesh, 128)
-  assert np.isfinite(after["embedding"]).all()
-  assert evaluation.projection_spread(after["projection"]) > 0.1
+  assert after.count == 128 and np.isfinite(np.asarray(after["embedding"])).all()
+  assert evaluation.projection_spread(after["projection"], after["mask"]) > 0.1
 
 
 def test_linear_probe_separates_separable_features():
@@ -65,10 +65,15 @@ def test_linear_probe_separates_separable_features():
   centres = rng.normal(0, 3, (10, 16))
   labels = rng.integers(0, 10, 1200)
   feats = (centres[labels] + rng.normal(0, 1, (1200, 16))).astype(np.float32)
-  result = readout.linear_probe(feats[:1000], labels[:1000], feats[1000:], labels[1000:],
-                                steps=200, lr=0.05, seed=0)
+  mesh = parallel.make_mesh()
+  train = knn.from_arrays(feats[:1000], labels[:1000], mesh)
+  test = knn.from_arrays(feats[1000:], labels[1000:], mesh)
+  result = readout.linear_probe(train, test, mesh, steps=200, lr=0.05, seed=0)
   assert result["top1"] > 0.9
   assert result["weight_decay"] in readout.PROBE_WEIGHT_DECAYS
+  # Minibatches drawn on the devices (PROBE_BATCH below the row count) learn it too.
+  sampled = readout.linear_probe(train, test, mesh, steps=200, lr=0.05, seed=0, batch_size=64)
+  assert sampled["top1"] > 0.9
 
 
 def test_pictures_are_written_and_listed(compared):
@@ -90,7 +95,10 @@ def test_pictures_are_written_and_listed(compared):
 
 def test_neighbours_are_the_most_cosine_similar_and_queries_span_classes():
   train = np.array([[1.0, 0.0], [0.0, 1.0], [0.7, 0.7], [-1.0, 0.0]])
-  np.testing.assert_array_equal(pictures.nearest(train, np.array([[2.0, 0.1]]), k=3),
-                                [[0, 2, 1]])
+  mesh = parallel.make_mesh()
+  positions, labels = knn.nearest(knn.from_arrays(train, [5, 6, 7, 8], mesh),
+                                  np.array([[2.0, 0.1]]), mesh, k=3)
+  np.testing.assert_array_equal(positions, [[0, 2, 1]])
+  np.testing.assert_array_equal(labels, [[5, 7, 6]])
   labels = np.array([3, 3, 1, 0, 1, 2, 2])
   assert list(pictures.pick_queries(labels, count=5)) == [3, 2, 5, 0, 1]

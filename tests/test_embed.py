@@ -13,7 +13,7 @@ from PIL import Image
 import byol_jax
 from byol_jax import jobs
 from byol_jax.data import datasets, input_pipeline
-from byol_jax.evaluate import evaluation
+from byol_jax.evaluate import features
 from byol_jax.train import checkpoint, parallel, train_step
 from tests.test_main import REPO
 
@@ -93,10 +93,10 @@ def _reference_embeddings(config, workdir):
   config, nets, params, state = checkpoint.load_pretrained(config, workdir, mesh)
   batches = list(input_pipeline.eval_batches(config, TEST_SPLIT, batch_size=64,
                                              process_index=0, process_count=1))
-  rows = evaluation.extract(train_step.make_embed_fn(nets, mesh), params, state, batches, mesh,
-                            keys=("embedding",))
   images = np.concatenate([b["image"][b["mask"]] for b in batches])
-  return images, rows["embedding"]
+  rows = features.extract(train_step.make_embed_fn(nets, mesh), params, state, batches, mesh,
+                          keys=("embedding",), sample=len(images))
+  return images, rows.sample["embedding"]
 
 
 @pytest.mark.parametrize("where", ["workdir", "export"])

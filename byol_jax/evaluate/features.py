@@ -39,14 +39,16 @@ class Features(dict):
 
 def extract(embed_fn: Callable, params, state, batches: Iterable[dict], mesh,
             keys=("embedding", "logits", "projection"), sample: int = 0,
-            on_batch: Optional[Callable[[Dict[str, np.ndarray]], None]] = None) -> Features:
+            on_batch: Optional[Callable[[Dict[str, np.ndarray]], None]] = None,
+            keep: bool = True) -> Features:
   """Runs `embed_fn` over `batches` (this process's rows of each global batch, as
   `input_pipeline.eval_batches` yields them); returns the sharded `Features`.
 
   `sample` > 0 also keeps the first `sample` valid rows on every host;
   `on_batch`, when given, is called on every process with each global batch's
   valid rows gathered to the host (numpy, in split order): streaming writers
-  (the embed job) hold one batch at a time.
+  (the embed job) hold one batch at a time; with `keep` False they are all that is
+  kept (the result holds no arrays).
   """
   process, processes = jax.process_index(), jax.process_count()
   per_device = {}  # key -> {device: [that device's rows of each batch]}
@@ -59,7 +61,7 @@ def extract(embed_fn: Callable, params, state, batches: Iterable[dict], mesh,
     batch = parallel.to_global(local, mesh)
     out = embed_fn(params, state, batch["image"])
     out = {**{k: out[k] for k in keys}, **{k: batch[k] for k in ("label", "mask", "position")}}
-    for key, array in out.items():
+    for key, array in out.items() if keep else ():
       for shard in array.addressable_shards:
         per_device.setdefault(key, {}).setdefault(shard.device, []).append(shard.data)
     if on_batch is not None or kept < sample:

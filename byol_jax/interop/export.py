@@ -18,6 +18,9 @@ Two formats, both pickle-free:
 
 import json
 import os
+import shutil
+import tempfile
+import zipfile
 from typing import Dict, Mapping, Tuple
 
 import numpy as np
@@ -80,6 +83,50 @@ def write_npz(flat: Mapping[str, np.ndarray], path: str) -> str:
     with open(tmp, "wb") as f:
       np.savez(f, **flat)
   return path
+
+
+class NpzRows:
+  """An .npz written row by row: `append` chunks of named arrays (each chunk's rows go to
+  a local temporary file), `write` then puts them, with whole arrays, into one .npz at
+  `path` (local or gs://), atomically. Host memory: one chunk, whatever the row count."""
+
+  def __init__(self):
+    self._dir = tempfile.mkdtemp(prefix="byol_jax_rows_")
+    self._files, self._layout, self.rows = {}, {}, 0
+
+  def append(self, chunk: Mapping[str, np.ndarray]) -> None:
+    for name, rows in chunk.items():
+      rows = np.ascontiguousarray(rows)
+      self._layout.setdefault(name, (rows.dtype, rows.shape[1:]))
+      if name not in self._files:
+        self._files[name] = open(os.path.join(self._dir, f"{name}.raw"), "wb")
+      self._files[name].write(rows.tobytes())
+    self.rows += len(next(iter(chunk.values()))) if chunk else 0
+
+  def dims(self) -> dict:
+    """{name: size of a row} of the appended arrays of one dimension per row."""
+    return {name: tail[0] for name, (_, tail) in self._layout.items() if len(tail) == 1}
+
+  def write(self, path: str, whole: Mapping[str, np.ndarray]) -> str:
+    """The appended rows and the `whole` arrays as one .npz at `path`; returns `path`."""
+    for f in self._files.values():
+      f.close()
+    try:
+      with fileio.atomic_local_path(path) as tmp, zipfile.ZipFile(tmp, "w",
+                                                                    allowZip64=True) as zf:
+        for name, (dtype, tail) in self._layout.items():
+          header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                    "shape": (self.rows, *tail)}
+          with zf.open(f"{name}.npy", "w", force_zip64=True) as out, \
+              open(os.path.join(self._dir, f"{name}.raw"), "rb") as raw:
+            np.lib.format.write_array_header_2_0(out, header)
+            shutil.copyfileobj(raw, out, 2**24)
+        for name, array in whole.items():
+          with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+            np.lib.format.write_array(out, np.asarray(array), allow_pickle=False)
+    finally:
+      shutil.rmtree(self._dir, ignore_errors=True)
+    return path
 
 
 def load_npz(path: str) -> Dict[str, np.ndarray]:

@@ -7,7 +7,9 @@ so an encoder pretrained on one source embeds another:
 preprocessed as at evaluation (centre crop, resized to the pretraining size).
 Every file is decoded once first (`data.verify_images="all"`), so an
 undecodable one is skipped, counted and named in the summary, and the rows stay
-aligned with their names.
+aligned with their names. Every process embeds its rows of each batch;
+process 0 streams each gathered batch to disk (`export.NpzRows`), so no
+process holds the whole split.
 
 embeddings.npz, read with `np.load(path)` (no pickle), one row per image:
   name        str [N]: the file's path inside the folder or zip; "" for TFDS and .npz
@@ -25,7 +27,7 @@ import jax
 import numpy as np
 
 from byol_jax.data import datasets, input_pipeline
-from byol_jax.evaluate import evaluation
+from byol_jax.evaluate import features
 from byol_jax.interop import export
 from byol_jax.train import checkpoint, train_step
 
@@ -47,24 +49,29 @@ def run(config, workdir: str, mesh) -> dict:
                                         process_count=jax.process_count())
   progress = _progress(batches, source.num_examples, config.eval.batch_size,
                        config.embed.log_every, enabled=chief)
-  rows = evaluation.extract(train_step.make_embed_fn(nets, mesh), params, state, progress, mesh,
-                            keys=keys)
-  count = len(rows["label"])
-  names = getattr(source, "names", ())
-  skipped = tuple(getattr(source, "skipped_names", ()))
-  arrays = {
-      "name": np.asarray(names if len(names) == count else [""] * count, str),
-      "index": np.arange(count, dtype=np.int64),
-      "label": rows["label"].astype(np.int32),
-      **{k: rows[k].astype(np.float32) for k in keys},
-      "class_names": np.asarray(getattr(source, "class_names", ()), str),
-      "skipped": np.asarray(skipped, str),
-  }
+  rows = export.NpzRows() if chief else None
+  count = 0
+
+  def write_rows(gathered):  # every process gathers each batch; process 0 keeps it
+    nonlocal count
+    count += len(gathered["label"])
+    if rows is not None:
+      rows.append({"label": gathered["label"].astype(np.int32),
+                   **{k: gathered[k].astype(np.float32) for k in keys}})
+
+  features.extract(train_step.make_embed_fn(nets, mesh), params, state, progress, mesh,
+                   keys=keys, on_batch=write_rows, keep=False)
   path = config.embed.output or os.path.join(workdir, "embeddings.npz")
   if chief:
-    export.write_npz(arrays, path)
-    print(summary(source.description, count, arrays, skipped, path), flush=True)
-  return {"path": path, "count": count, "skipped": list(skipped)}
+    names = getattr(source, "names", ())
+    skipped = tuple(getattr(source, "skipped_names", ()))
+    rows.write(path, {
+        "name": np.asarray(names if len(names) == count else [""] * count, str),
+        "index": np.arange(count, dtype=np.int64),
+        "class_names": np.asarray(getattr(source, "class_names", ()), str),
+        "skipped": np.asarray(skipped, str)})
+    print(summary(source.description, count, rows.dims(), skipped, path), flush=True)
+  return {"path": path, "count": count, "skipped": list(getattr(source, "skipped_names", ()))}
 
 
 def _progress(batches, total: int, batch_size: int, every: int, enabled: bool):
@@ -78,9 +85,8 @@ def _progress(batches, total: int, batch_size: int, every: int, enabled: bool):
       next_line = (done // every + 1) * every
 
 
-def summary(description: str, count: int, arrays: dict, skipped, path: str) -> str:
-  dims = ", ".join(f"{k} {arrays[k].shape[1]}-d" for k in ("embedding", "projection")
-                   if k in arrays)
+def summary(description: str, count: int, dims: dict, skipped, path: str) -> str:
+  dims = ", ".join(f"{k} {dims[k]}-d" for k in ("embedding", "projection") if k in dims)
   text = f"[embed] {count} images of {description} -> {path} ({dims})"
   if skipped:
     named = ", ".join(skipped[:NAMED_SKIPS])
