@@ -8,7 +8,7 @@ compiles the same step.
 """
 
 import math
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import haiku as hk
 import jax
@@ -57,11 +57,12 @@ def num_steps(config, num_train_examples: int) -> int:
 
 
 def make_linear_step(config, mesh, *, lr: float, weight_decay: float, steps: int,
-                     compute_dtype: str = "float32") -> LinearStep:
+                     compute_dtype: Optional[str] = None) -> LinearStep:
   """The step of `config.linear_eval` at learning rate `lr` (for batch 256) over `steps`.
 
-  `compute_dtype` "bfloat16" runs the forward and backward in bf16 with float32
-  parameters and optimizer state, as `train_step` does.
+  `compute_dtype` (default: `config.compute_dtype`, the pretraining's) "bfloat16"
+  runs the forward and backward in bf16 with float32 parameters and optimizer
+  state, as `train_step` does; `predict` computes in it too.
   """
   le = config.linear_eval
   num_classes = config.data.num_classes
@@ -71,7 +72,7 @@ def make_linear_step(config, mesh, *, lr: float, weight_decay: float, steps: int
       optax.add_decayed_weights(weight_decay),
       optax.sgd(schedule, momentum=le.momentum, nesterov=le.nesterov))
   size = config.data.image_size
-  dtype = jnp.dtype(compute_dtype)
+  dtype = jnp.dtype(compute_dtype or config.compute_dtype)
 
   def init(pretrained_params, pretrained_state):
     # Haiku's BatchNorm can only be created in training mode; the fine-tuning
@@ -113,8 +114,9 @@ def make_linear_step(config, mesh, *, lr: float, weight_decay: float, steps: int
 
   @jax.jit
   def predict(state: LinearState, images):
-    logits, _ = classifier.apply({**state.encoder_params, **state.head_params},
-                                 state.encoder_state, images, False)
+    params = networks.cast_floating({**state.encoder_params, **state.head_params}, dtype)
+    logits, _ = classifier.apply(params, state.encoder_state,
+                                 networks.cast_floating(images, dtype), False)
     return logits
 
   return LinearStep(init, update, predict, schedule)
