@@ -130,9 +130,9 @@ class _SmallDevice:
 
 
 def test_a_bank_that_cannot_fit_ends_in_one_line():
-  knn.check_fits(1_281_167, 2048, [_SmallDevice()] * 256, 200, "float32")  # fits
+  knn.check_fits(1_281_167, 2048, _SmallDevice(), 256, 200, "float32")  # fits
   with pytest.raises(ConfigError) as error:
-    knn.check_fits(1_281_167 * 20, 8192, [_SmallDevice()], 200, "float32")
+    knn.check_fits(1_281_167 * 20, 8192, _SmallDevice(), 1, 200, "float32")
   message = str(error.value)
   assert "\n" not in message and "needs" in message and "has 16.00 GiB" in message
   assert "knn_bank_dtype=bfloat16" in message and "knn_train_split" in message

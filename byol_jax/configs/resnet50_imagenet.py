@@ -28,6 +28,9 @@ def imagenet_config(epochs: int):
   # The same math as two passes (BN per view); on TPU a quarter fewer HBM bytes per step
   # (experiments/tpu_scale.md).
   c.model.views_in_one_pass = True
+  # Periodic kNN on a fixed tenth of the training images (128,117): about 1% of training time
+  # on the pods of experiments/eval_scale.md (an estimate); --job=knn reads all of them.
+  c.eval.knn_train_split = "train[:10%]"
   return c
 
 

@@ -21,7 +21,8 @@ from typing import Optional
 import numpy as np
 
 from byol_jax.data import array_source, folder_source, tfds_source
-from byol_jax.data.sources import ArraySource, DataSourceError, StreamingSource
+from byol_jax.data.sources import (ArraySource, DataSourceError, StreamingSource, parse_split,
+                                   slice_indices)
 from byol_jax.tf_import import TensorFlowMissingError, import_tensorflow
 
 DEMO_ASSET = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets",
@@ -32,10 +33,16 @@ CROP_ON_CHOICES = ("auto", "host", "device")
 # where their sizes vary). Counts from the TFDS catalogue; the demo's from its asset README.
 KNOWN_SPLITS = {
     ("tfds", "imagenet2012", "train"): (1_281_167, 1000, 0),
+    ("tfds", "imagenet2012", "validation"): (50_000, 1000, 0),
     ("tfds", "cifar10", "train"): (50_000, 10, 32),
+    ("tfds", "cifar10", "test"): (10_000, 10, 32),
     ("tfds", "stl10", "unlabelled"): (100_000, 10, 96),
+    ("tfds", "stl10", "train"): (5_000, 10, 96),
+    ("tfds", "stl10", "test"): (8_000, 10, 96),
     ("tfds", "imagenette/160px-v2", "train"): (9_469, 10, 0),
+    ("tfds", "imagenette/160px-v2", "validation"): (3_925, 10, 0),
     ("demo", None, "train"): (3_600, 10, 32),
+    ("demo", None, "test"): (900, 10, 32),
 }
 
 
@@ -127,6 +134,19 @@ def known_split_info(config, split: str) -> tuple:
     raise DataSourceError(f"The size of {what} split {split!r} is not known without reading "
                           "it; set --config.data.num_train_examples and --config.data.num_classes.")
   return examples, classes, side
+
+
+def known_split_size(config, split: str) -> Optional[int]:
+  """Examples of `split` (a slice included) by `KNOWN_SPLITS`, without reading it; the
+  training split's size is data.num_train_examples where set. None when not known."""
+  name, start, stop = parse_split(split)
+  data = config.data
+  if split == data.train_split and data.num_train_examples >= 0:
+    return int(data.num_train_examples)
+  known = KNOWN_SPLITS.get((data.source, data.name if data.source == "tfds" else None, name))
+  if known is None:
+    return None
+  return len(slice_indices(known[0], start, stop))
 
 
 def crop_on_device(config, tensorflow: Optional[bool] = None) -> bool:

@@ -51,16 +51,17 @@ def bytes_per_device(bank_rows: int, dim: int, devices: int, k: int,
           + chunk * rows * 4 + 3 * chunk * min(k, rows) * devices * 4)
 
 
-def check_fits(bank_rows: int, dim: int, devices, k: int, bank_dtype: str) -> None:
-  """A one-line ConfigError when the kNN cannot fit a device's memory (where JAX knows it)."""
-  stats = devices[0].memory_stats() or {}
+def check_fits(bank_rows: int, dim: int, device, devices: int, k: int, bank_dtype: str) -> None:
+  """A one-line ConfigError when the kNN over `devices` cannot fit the memory of `device`
+  (one of this process's; where JAX knows its size)."""
+  stats = device.memory_stats() or {}
   limit = stats.get("bytes_limit")
-  need = bytes_per_device(bank_rows, dim, len(devices), k, bank_dtype)
+  need = bytes_per_device(bank_rows, dim, devices, k, bank_dtype)
   if limit and need > 0.9 * limit:
     gib = 2.0**30
     raise ConfigError(
         f"The kNN over {bank_rows} training features of {dim} dims needs {need / gib:.2f} GiB "
-        f"per device; a {devices[0].device_kind} has {limit / gib:.2f} GiB. Use "
+        f"per device; a {device.device_kind} has {limit / gib:.2f} GiB. Use "
         "--config.eval.knn_bank_dtype=bfloat16, a smaller bank (--config.eval.knn_train_split, "
         "e.g. 'train[:10%]'), or more devices.")
 
@@ -95,7 +96,7 @@ def _top_k(queries, bank_rows, bank_labels, bank_positions, *, mesh, k: int):
   while another still sorts blocks the threads that sort needs (a deadlock, seen
   with 8 simulated devices and a top-k as long as the shard).
   """
-  candidates = _settled(_local_top_k(queries, bank_rows, bank_labels, bank_positions,
+  candidates = _settled(local_top_k(queries, bank_rows, bank_labels, bank_positions,
                                      mesh=mesh, k=k))
   return _settled(_merge(*candidates, k=k))
 
@@ -105,9 +106,10 @@ def _settled(tree):
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "k"))
-def _local_top_k(queries, rows, labels, positions, *, mesh, k: int):
+def local_top_k(queries, rows, labels, positions, *, mesh, k: int):
   """Each device's k nearest of its rows: (-similarity, position, label), [Q, devices x k]
-  sharded over the second axis."""
+  sharded over the second axis. The kNN's heavy program: it holds the bank and the
+  similarity block (what `--job=compile` compiles as the "knn" step)."""
 
   def local(q, rows, labels, positions):
     sims = jnp.einsum("qd,nd->qn", q.astype(rows.dtype), rows,
@@ -157,7 +159,8 @@ def knn_accuracy(train: Dict, test: Dict, mesh, *, num_classes: int, k: int = 20
   rows, both sharded `features.Features` (or `from_arrays`)."""
   rows = bank(train, bank_dtype)
   total = train["embedding"].shape[0]
-  check_fits(total, train["embedding"].shape[1], mesh.devices.flatten(), k, bank_dtype)
+  check_fits(total, train["embedding"].shape[1], mesh.local_devices[0], mesh.devices.size, k,
+             bank_dtype)
   queries, labels = test["embedding"], _where_valid(test["label"], test["mask"])
   valid = max(int(jnp.sum(labels >= 0)), 1)
   n = queries.shape[0]

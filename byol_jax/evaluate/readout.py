@@ -40,6 +40,8 @@ from byol_jax.model import networks
 from byol_jax.train import optim, parallel, train_step
 
 PROBE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
+PROBE_STEPS = 500
+PROBE_LR = 0.01
 PROBE_BATCH = 16384  # global examples per probe step beyond which it samples minibatches
 _AXIS = parallel.DATA_AXIS
 
@@ -97,10 +99,9 @@ def linear_probe(train: Dict, test: Dict, mesh, *, steps: int, lr: float, seed: 
   x, test_x = _standardise(train["embedding"], mean, std), _standardise(test["embedding"],
                                                                           mean, std)
   held = _held_out(train, seed)
-  count = int(jnp.sum(train_valid))
-  local = None if count <= batch_size else max(1, batch_size // mesh.devices.size)
-  fit = functools.partial(_fit, mesh=mesh, steps=steps, lr=lr, num_classes=num_classes,
-                          local_batch=local, seed=seed)
+  fit = functools.partial(fit_probe, mesh=mesh, steps=steps, lr=lr, num_classes=num_classes,
+                          local_batch=probe_local_batch(int(jnp.sum(train_valid)), batch_size,
+                                                        mesh.devices.size), seed=seed)
   val = {wd: _accuracy(fit(x, train["label"], train_valid & ~held, wd), x, train["label"],
                        train_valid & held) for wd in weight_decays}
   best = max(weight_decays, key=lambda wd: (val[wd], -wd))
@@ -108,6 +109,11 @@ def linear_probe(train: Dict, test: Dict, mesh, *, steps: int, lr: float, seed: 
   return {"top1": _accuracy(params, test_x, test["label"], test_valid),
           "train_top1": _accuracy(params, x, train["label"], train_valid),
           "weight_decay": best, "val_top1_by_weight_decay": {str(k): v for k, v in val.items()}}
+
+
+def probe_local_batch(count: int, batch_size: int, devices: int) -> Optional[int]:
+  """Rows each device draws per probe step: None (all its rows) up to `batch_size` rows."""
+  return None if count <= batch_size else max(1, batch_size // devices)
 
 
 @jax.jit
@@ -140,7 +146,7 @@ def _lookup(flags, positions):
 
 @functools.partial(jax.jit, static_argnames=("mesh", "steps", "lr", "num_classes",
                                              "local_batch", "seed"))
-def _fit(x, labels, rows, wd, *, mesh, steps, lr, num_classes, local_batch, seed):
+def fit_probe(x, labels, rows, wd, *, mesh, steps, lr, num_classes, local_batch, seed):
   """Adam on mean cross-entropy over `rows` + wd x |W|^2, data-parallel over the devices'
   rows: all of them each step (`local_batch` None) or `local_batch` drawn per device."""
   optimizer = optax.adam(lr)
@@ -210,7 +216,8 @@ def read_out(config, nets, params, state, mesh, **kwargs) -> Dict:
 
 
 def read_out_features(config, nets, params, state, mesh, *, train_split: str, test_split: str,
-                      batch_size: int, probe_steps: int = 500, probe_lr: float = 0.01,
+                      batch_size: int, probe_steps: int = PROBE_STEPS,
+                      probe_lr: float = PROBE_LR,
                       knn_k: Optional[int] = None, sample: int = 0):
   """`read_out`'s score and the sharded features it read: (score, train, test); `sample`
   rows of each also on the host (`features.extract`)."""

@@ -21,8 +21,6 @@ from byol_jax.evaluate import features as features_lib
 from byol_jax.evaluate import knn, pictures, readout
 from byol_jax.train import checkpoint
 
-PROBE_STEPS = 500
-PROBE_LR = 0.01
 ROWS = (("byol", "BYOL"), ("random", "random init"))
 
 
@@ -31,8 +29,7 @@ def run(config, workdir: str, mesh) -> dict:
   config, nets, params, state = checkpoint.load_pretrained(config, source, mesh)
   config = _with_pretrain_seed(config, source)
   splits = dict(train_split=config.data.train_split, test_split=config.data.test_split,
-                batch_size=config.eval.batch_size, probe_steps=PROBE_STEPS, probe_lr=PROBE_LR,
-                sample=features_lib.HOST_SAMPLE)
+                batch_size=config.eval.batch_size, sample=features_lib.HOST_SAMPLE)
   byol = readout.read_out_features(config, nets, params, state, mesh, **splits)
   random = readout.random_baseline(config_lib.prepare(config, mesh), mesh,
                                    bn_split=config.data.train_split,
@@ -42,7 +39,8 @@ def run(config, workdir: str, mesh) -> dict:
   report = {"results": results, "gaps": _gaps(results), "pretrained_workdir": source,
             "train_split": config.data.train_split, "test_split": config.data.test_split,
             "linear_probe": f"softmax regression on frozen standardised embeddings, Adam "
-                            f"{PROBE_STEPS} steps, lr {PROBE_LR}, L2 chosen on 10% held out",
+                            f"{readout.PROBE_STEPS} steps, lr {readout.PROBE_LR}, batches of "
+                            f"up to {readout.PROBE_BATCH}, L2 chosen on 10% held out",
             "knn": f"cosine, k={config.eval.knn_k}, T={config.eval.knn_temperature}"}
   features = {name: out[1:] for name, out in zip(dict(ROWS).values(), (byol, random))}
   finite = all(r["finite"] for r in results.values())

@@ -23,6 +23,7 @@ import jax
 
 from byol_jax import config_lib, fileio
 from byol_jax.data import datasets
+from byol_jax.evaluate import evaluation
 from byol_jax.errors import ConfigError
 from byol_jax.preflight import compile as compile_lib
 from byol_jax.preflight import roofline, topology
@@ -33,6 +34,11 @@ HEADROOM = 0.2  # a step with less free HBM than this is flagged as tight
 SMALLEST_SLICE = 4  # chips: the fewest a slice name is suggested with
 BATCH_FIELDS = {"pretrain": "batch_size", "eval": "eval.batch_size",
                 "linear_eval": "linear_eval.batch_size"}
+# Steps that periodic evaluation runs beside the train state: how many of their leading
+# arguments are part of it (the forward reads the online network; the kNN none).
+RESIDENT = {"eval": 2, "knn": 0}
+# Steps over the whole training split's features rather than a batch.
+FEATURE_STEPS = ("knn", "probe")
 GIB = 2.0**30
 
 
@@ -50,8 +56,9 @@ def run(config, workdir) -> dict:
   config = config_lib.finalize(config, examples, classes)
   mesh = parallel.make_mesh(topology.devices(topo))
   steps = compile_lib.build_steps(config, mesh, side, tuple(cc.steps))
-  for step in steps.values():
-    parallel.check_batch_size(step.examples, mesh)
+  for name, step in steps.items():
+    if name not in FEATURE_STEPS:
+      parallel.check_batch_size(step.examples, mesh)
 
   chip = roofline.CHIPS[topo.generation]
   hbm = chip.hbm_bytes / topo.devices_per_chip
@@ -77,13 +84,14 @@ def run(config, workdir) -> dict:
       row = compile_lib.compile_step(name, step, hlo)
       per_device = step.examples / topo.num_devices
       row["examples_per_device"] = per_device
+      row["examples"] = step.examples
       row["roofline"] = roofline.estimate(row["flops"], row["bytes_accessed"], per_device, chip,
                                           topo.devices_per_chip)
       row["roofline"]["calibrated_images_per_s_per_chip"] = (
           row["roofline"]["images_per_s_per_chip"] * roofline.CALIBRATION)
       need = row["memory"]["total"]
-      if name == "eval" and "pretrain" in steps:  # the rest of the train state stays in HBM
-        need += _nbytes(steps["pretrain"].args[0]) - _nbytes(step.args[:2])
+      if name in RESIDENT and "pretrain" in steps:  # the train state stays in HBM meanwhile
+        need += _nbytes(steps["pretrain"].args[0]) - _nbytes(step.args[:RESIDENT[name]])
       row["hbm_needed"], row["hbm_fraction"] = need, need / hbm
       report["steps"][name] = row
       print(_line(name, row, hbm), flush=True)
@@ -99,12 +107,17 @@ def run(config, workdir) -> dict:
       report["steps"]["pretrain"], config.batch_size, topo)
   if hint:
     report["hint"] = hint
+  cost = periodic_eval_cost(config, report["steps"])
+  if cost:
+    report["periodic_eval"] = cost
   _write(path, report)
   print(f"[compile] roofline = max(FLOPs / bf16 peak, bytes / HBM bandwidth): an estimate, not a "
         f"measurement; calibrated = x{roofline.CALIBRATION} (a supervised ResNet-50 step's "
         f"published v3 speed over its estimate). DeepMind's reference ran "
         f"{roofline.REFERENCE_IMAGES_PER_S_PER_V3_CHIP:.0f} images/s per v3 chip. Report: {path}",
         flush=True)
+  if cost:
+    print(f"[compile] {cost['line']}", flush=True)
   if hint:
     print(f"[compile] {hint}", flush=True)
   if over:
@@ -122,11 +135,42 @@ def _line(name: str, row: dict, hbm: float) -> str:
   tight = " tight" if row["hbm_fraction"] > 1 - HEADROOM else ""
   memory = f"{row['hbm_needed'] / GIB:.2f} / {hbm / GIB:.1f} GiB {row['hbm_fraction']:.0%}{tight}"
   all_reduce = row["collectives"].get("all-reduce", {}).get("bytes", 0)
+  rate = (f"per {'chunk of queries' if name == 'knn' else 'step of the fit'}"
+          if name in FEATURE_STEPS else
+          f"{r['images_per_s_per_chip']:.0f} img/s/chip (calibrated "
+          f"{r['calibrated_images_per_s_per_chip']:.0f})")
   return (f"  {name:<12}{row['compile_s']:>6.0f} s  {memory:<24}{row['flops'] / 1e12:>7.3f}"
           f"{row['bytes_accessed'] / 1e9:>10.2f}{r['bytes_per_flop']:>8.4f}"
           f"{all_reduce / 1e6:>9.1f} MB   {r['step_s'] * 1e3:.1f} ms {r['bound']}-bound, "
-          f"{r['images_per_s_per_chip']:.0f} img/s/chip (calibrated "
-          f"{r['calibrated_images_per_s_per_chip']:.0f}), MFU <= {r['mfu_ceiling']:.0%}")
+          f"{rate}, MFU <= {r['mfu_ceiling']:.0%}")
+
+
+def periodic_eval_cost(config, rows: dict) -> Optional[dict]:
+  """Periodic evaluation's device time against the training it interrupts, an ESTIMATE
+  from the calibrated roofline: the forwards of the kNN bank and the test split, then
+  the kNN's chunks, every eval.every_steps steps. None without the rows or sizes."""
+  every = config.eval.every_steps
+  if every <= 0 or not all(n in rows for n in ("pretrain", "eval", "knn")):
+    return None
+  bank_split = evaluation.periodic_train_split(config)
+  bank = datasets.known_split_size(config, bank_split)
+  test = datasets.known_split_size(config, config.data.test_split)
+  if bank is None or test is None:
+    return None
+  calibrated = lambda name: rows[name]["roofline"]["step_s"] / roofline.CALIBRATION
+  batch = config.eval.batch_size
+  forwards = (math.ceil(bank / batch) + math.ceil(test / batch)) * calibrated("eval")
+  chunks = math.ceil(math.ceil(test / batch) * batch / rows["knn"]["examples"])
+  # The "knn" row scores a chunk against the whole training split; the bank may be a slice.
+  knn_s = chunks * rows["knn"]["roofline"]["step_s"] * bank / config.data.num_train_examples
+  train_s = every * calibrated("pretrain")
+  fraction = (forwards + knn_s) / train_s
+  line = (f"periodic evaluation (ESTIMATE, device time at the calibrated roofline): "
+          f"{bank + test:,} forwards ({bank:,} kNN bank from {bank_split!r} + {test:,} test) "
+          f"in {forwards:.1f} s, kNN {chunks} chunks in {knn_s:.2f} s, every {every} steps of "
+          f"{train_s:.0f} s: {fraction:.1%} of training time (input reading not counted)")
+  return {"bank_examples": bank, "test_examples": test, "forward_s": forwards, "knn_s": knn_s,
+          "train_s_between": train_s, "fraction": fraction, "line": line}
 
 
 def _does_not_fit(step: str, needed: float, available: float, config, topo) -> str:
@@ -138,19 +182,28 @@ def _does_not_fit(step: str, needed: float, available: float, config, topo) -> s
 
 def _advice(config, topo, step: str, excess: float) -> str:
   """What would fit `excess` times less memory with HEADROOM to spare: a smaller batch per
-  chip, bf16, rematerialisation, a bigger slice."""
+  chip, bf16, rematerialisation, a bigger slice (for the kNN: a bf16 bank, a smaller one)."""
   shrink = excess / (1 - HEADROOM)
-  field = BATCH_FIELDS[step]
-  batch = config.batch_size if field == "batch_size" else config[field.split(".")[0]].batch_size
-  per_chip = batch / topo.chips
-  fits = 2 ** math.floor(math.log2(per_chip / shrink)) if per_chip / shrink >= 1 else 0
   options = []
+  if step in FEATURE_STEPS:
+    if step == "knn" and config.eval.knn_bank_dtype != "bfloat16":
+      options.append("--config.eval.knn_bank_dtype=bfloat16")
+    if step == "knn":
+      options.append("a smaller periodic kNN bank (--config.eval.knn_train_split="
+                     "'train[:10%]'; --job=knn reads the whole split)")
+    fits = 0
+  else:
+    field = BATCH_FIELDS[step]
+    batch = (config.batch_size if field == "batch_size"
+             else config[field.split(".")[0]].batch_size)
+    per_chip = batch / topo.chips
+    fits = 2 ** math.floor(math.log2(per_chip / shrink)) if per_chip / shrink >= 1 else 0
   if fits >= topo.devices_per_chip:
     schedule = "" if step == "eval" else "; the learning rate follows base_lr x batch / 256"
     options.append(f"--config.{field}={fits * topo.chips} ({fits} per chip{schedule})")
   if config.compute_dtype != "bfloat16" and step == "pretrain":
     options.append("--config.compute_dtype=bfloat16")
-  if not config.model.remat and step != "eval":
+  if not config.model.remat and step not in ("eval", *FEATURE_STEPS):
     options.append("--config.model.remat=True (recompute activations in the backward pass)")
   chips = topo.chips // topo.num_slices
   bigger = max(SMALLEST_SLICE, 2 ** math.ceil(math.log2(chips * shrink)))

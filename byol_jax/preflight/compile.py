@@ -2,7 +2,8 @@
 compiler says of them: memory, FLOPs, HBM traffic and collectives.
 
 `build_steps` makes the very steps `--job=pretrain` and `--job=linear_eval` run
-(`train_step` with `device_augment`, the evaluation forward, `linear_step`)
+(`train_step` with `device_augment`, the evaluation forward with the kNN's
+scoring program and compare's probe, `linear_step`)
 with the mesh over the pod's compile-only devices (`topology.devices`), on
 abstract arguments: the shapes of the real state (`jax.eval_shape`) and of the
 batches the input pipeline feeds. Nothing is read or allocated. `compile_step`
@@ -11,15 +12,18 @@ analyses and its collectives off the optimised HLO.
 """
 
 import functools
+import math
 import re
 import time
 from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from byol_jax import fileio
 from byol_jax.data import input_pipeline
+from byol_jax.evaluate import knn, readout
 from byol_jax.model import networks
 from byol_jax.train import linear_step, optim, parallel, train_step
 from byol_jax.views import device_augment
@@ -35,7 +39,8 @@ _SIZE = re.compile(r"\(([\d.]+)([KMGT])\)")
 class Step(NamedTuple):
   fn: Callable        # jitted
   args: Tuple         # abstract (jax.ShapeDtypeStruct) arguments, with shardings
-  examples: int       # global examples per call
+  examples: int       # global examples (the kNN: queries) per call
+  static: Tuple = ()  # (name, value) pairs of the jitted function's static arguments
 
 
 class OutOfMemoryError(ValueError):
@@ -77,8 +82,11 @@ def build_steps(config, mesh, source_side: int = 0, steps=STEPS) -> Dict[str, St
     out["pretrain"] = Step(update, (state, batch), config.batch_size)
   if "eval" in steps:
     images = abstract_batch(config, "eval", config.eval.batch_size, mesh)["image"]
-    out["eval"] = Step(train_step.make_embed_fn(nets, mesh),
-                       (state.online_params, state.online_state, images), config.eval.batch_size)
+    embed = train_step.make_embed_fn(nets, mesh)
+    out["eval"] = Step(embed, (state.online_params, state.online_state, images),
+                       config.eval.batch_size)
+    dim = jax.eval_shape(embed, *out["eval"].args)["embedding"].shape[-1]
+    out.update(evaluation_steps(config, mesh, dim))
   if "linear_eval" in steps:
     le = config.linear_eval
     step = linear_step.make_linear_step(
@@ -91,12 +99,41 @@ def build_steps(config, mesh, source_side: int = 0, steps=STEPS) -> Dict[str, St
   return out
 
 
+def evaluation_steps(config, mesh, dim: int) -> Dict[str, Step]:
+  """The kNN's scoring program and compare's probe over `dim`-d features of the whole
+  training split (what `--job=knn` and `--job=compare` hold; periodic evaluation's bank
+  is this or a slice of it), sharded as `features.extract` leaves them."""
+  devices = mesh.devices.size
+  batch = config.eval.batch_size
+  rows = math.ceil(config.data.num_train_examples / batch) * batch
+  data, repl = parallel.batch_sharded(mesh), parallel.replicated(mesh)
+
+  def sharded(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=data)
+
+  chunk = knn.query_chunk(rows // devices)
+  queries = jax.ShapeDtypeStruct((chunk, dim), np.float32, sharding=repl)
+  bank = (sharded((rows, dim), jnp.dtype(config.eval.knn_bank_dtype)), sharded((rows,), "int32"),
+          sharded((rows,), "int32"))
+  labelled = config.data.num_train_examples
+  probe = (sharded((rows, dim), "float32"), sharded((rows,), "int32"), sharded((rows,), "bool"),
+           jax.ShapeDtypeStruct((), np.float32, sharding=repl))
+  return {
+      "knn": Step(knn.local_top_k, (queries, *bank), chunk,
+                  (("mesh", mesh), ("k", config.eval.knn_k))),
+      "probe": Step(readout.fit_probe, probe, labelled, (
+          ("mesh", mesh), ("steps", readout.PROBE_STEPS), ("lr", readout.PROBE_LR),
+          ("num_classes", config.data.num_classes), ("seed", config.seed),
+          ("local_batch", readout.probe_local_batch(labelled, readout.PROBE_BATCH, devices)))),
+  }
+
+
 def compile_step(name: str, step: Step, hlo_path: Optional[str] = None) -> dict:
   """Compiles one step; its compile time, memory, cost and collectives per device.
   `hlo_path`: where to write the optimised HLO text too."""
   start = time.perf_counter()
   try:
-    compiled = step.fn.lower(*step.args).compile()
+    compiled = step.fn.lower(*step.args, **dict(step.static)).compile()
   except jax.errors.JaxRuntimeError as e:
     if "RESOURCE_EXHAUSTED" in str(e):
       raise OutOfMemoryError(name, _first_line(e)) from None
