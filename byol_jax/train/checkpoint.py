@@ -24,7 +24,6 @@ Checkpoints written before the split hold one item `state` (the whole
 TrainState); both `Checkpointer.restore` and `load_pretrained` still read them.
 """
 
-import json
 import os
 from typing import Optional, Tuple
 
@@ -53,15 +52,6 @@ def architecture(config) -> dict:
   arch = {k: config.model[k] for k in _ARCH_FIELDS}
   arch["num_classes"] = int(config.data.num_classes)
   return arch
-
-
-def settings(config_dict: dict, fields) -> dict:
-  """The values of `fields` (dotted names; a block stands for all its leaves) as JSON values.
-
-  What `restore` compares with a checkpoint's `settings` before resuming from it.
-  """
-  flat = _flatten(json.loads(json.dumps(config_dict)))
-  return {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in fields)}
 
 
 def loss_record(interval_max: float, run_min: float) -> dict:
@@ -156,7 +146,7 @@ class Checkpointer:
       raise ConfigError(
           f"{where} was written by a different model: {_diff(saved_arch, arch)}. Use a fresh "
           "--workdir, or a config that matches the checkpoint (--config.model.FIELD=...).")
-    saved = meta.get("settings")
+    saved = _saved_settings(meta, expected)
     if expected is None or saved is None or saved == expected:
       return
     if not allow_changed:
@@ -339,6 +329,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     else:
       flat[prefix + key] = value
   return flat
+
+
+def _saved_settings(meta: dict, expected: Optional[dict]) -> Optional[dict]:
+  """The checkpoint's values of the `expected` settings; a setting it predates is taken as
+  unchanged (its `config` stands in for `settings` written before the setting was compared)."""
+  saved = meta.get("settings")
+  if expected is None or saved is None:
+    return saved
+  config = _flatten(meta.get("config") or {})
+  return {k: saved.get(k, config.get(k, v)) for k, v in expected.items()}
 
 
 def _diff(saved: dict, expected: dict) -> str:
