@@ -18,5 +18,9 @@ class MissingDependencyError(ImportError):
   """A package that what was asked needs is not installed; the message says which."""
 
 
+class StorageError(OSError):
+  """Remote storage failed (e.g. the network, mid-write); what was written before is intact."""
+
+
 class NonFiniteLossError(RuntimeError):
   """Training diverged: the loss became NaN or infinite."""

@@ -24,7 +24,7 @@ INTERRUPTED_EXIT_CODE = 130
 # What a user can cause; printed as one line unless --traceback. Anything else
 # (a bare ValueError or ImportError included) is a bug: its traceback, then `bug_line`.
 USER_ERRORS = (errors.ConfigError, errors.DataSourceError, errors.MissingDependencyError,
-               errors.NonFiniteLossError, FileNotFoundError)
+               errors.StorageError, errors.NonFiniteLossError, FileNotFoundError)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for all outputs "
                                 "(--job=compile: optional, default the current directory).")

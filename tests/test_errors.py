@@ -100,5 +100,5 @@ def test_a_planted_user_mistake_is_one_line(tmp_path):
 
 def test_errors_module_classes_are_the_ones_main_prints():
   for cls in (errors.ConfigError, errors.DataSourceError, errors.MissingDependencyError,
-              errors.NonFiniteLossError):
+              errors.StorageError, errors.NonFiniteLossError):
     assert issubclass(cls, main.USER_ERRORS)
