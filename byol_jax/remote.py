@@ -80,8 +80,9 @@ def _errors(path: str, doing: str) -> Iterator[None]:
     raise FileNotFoundError(f"No object {path}.") from None
   except (requests.exceptions.ConnectionError, requests.exceptions.Timeout,
           exceptions.RetryError, exceptions.ServerError) as e:
+    cause = getattr(e, "cause", None) or e  # a RetryError's last failure
     raise StorageError(f"Lost the connection to Cloud Storage {doing} {path} "
-                       f"({type(e).__name__}); check the network and rerun the same command: "
+                       f"({type(cause).__name__}: {_first_line(cause)}); check the network and rerun the same command: "
                        "what was written before is intact, and a run resumes from its last "
                        "checkpoint.") from None
 
@@ -157,6 +158,37 @@ def list_names(prefix: str, limit: Optional[int] = None) -> List[str]:
   with _errors(prefix, "listing"):
     blobs = _client().list_blobs(bucket, prefix=name, max_results=limit, retry=_retry())
     return sorted(f"{SCHEME}{bucket}/{b.name}" for b in blobs)
+
+
+def list_dir(path: str) -> Tuple[List[Tuple[str, int]], List[str]]:
+  """One level under `path`: ([(object path, size)], [sub-"directory" paths])."""
+  bucket, name = split(path)
+  prefix = name.rstrip("/") + "/" if name.strip("/") else ""
+  with _errors(path, "listing"):
+    pages = _client().list_blobs(bucket, prefix=prefix, delimiter="/", retry=_retry())
+    files = [(f"{SCHEME}{bucket}/{b.name}", b.size) for b in pages if b.name != prefix]
+    dirs = [f"{SCHEME}{bucket}/{p.rstrip('/')}" for p in pages.prefixes]
+  return files, sorted(dirs)
+
+
+def copy(src: str, dst: str) -> None:
+  (src_bucket, src_name), (dst_bucket, dst_name) = split(src), split(dst)
+  client = _client()
+  with _errors(src, "copying"):
+    client.bucket(src_bucket).copy_blob(client.bucket(src_bucket).blob(src_name),
+                                        client.bucket(dst_bucket), dst_name, retry=_retry())
+
+
+def size(path: str) -> Optional[int]:
+  """The size of an object; None if there is none."""
+  blob = _blob(path)
+  with _errors(path, "reading"):
+    return blob.size if blob.exists(retry=_retry()) and _reload(blob) else None
+
+
+def _reload(blob) -> bool:
+  blob.reload(retry=_retry())
+  return True
 
 
 def exists(path: str) -> bool:

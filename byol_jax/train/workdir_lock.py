@@ -7,8 +7,8 @@ cannot be checked from here, so only a person removes its lock.
 
 On gs:// the lock is an object created only if none exists
 (ifGenerationMatch=0) holding a lease: the holder renews it every RENEW_S
-seconds; one whose lease ran out LEASE_S ago (its host died, or kill -9) is
-taken over with a warning, by a write conditioned on the generation read, so
+seconds; one whose lease ran out (its host died) or whose process is gone
+from this host (kill -9) is taken over with a warning, by a write conditioned on the generation read, so
 two starters cannot both take it. Other remote schemes are not locked.
 
 The lock appears atomically (a hard link fails if it exists), so two starters
@@ -174,8 +174,8 @@ def _describe(holder: dict) -> str:
 @contextlib.contextmanager
 def _hold_object(path: str, job: str) -> Iterator[None]:
   """The gs:// lock: created if absent, its lease renewed while held, deleted at the end."""
-  mine = {"host": socket.gethostname(), "pid": os.getpid(), "job": job,
-          "since": datetime.datetime.now().isoformat(timespec="seconds")}
+  mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+          "job": job, "since": datetime.datetime.now().isoformat(timespec="seconds")}
   generation = _acquire_object(path, mine)
   stop = threading.Event()
   held = {"generation": generation}
@@ -218,7 +218,7 @@ def _acquire_object(path: str, mine: dict) -> int:
     data, generation = remote.read_with_generation(path)
     holder = _parse(data)
     lapsed = time.time() - float(holder.get("lease_until", 0))
-    if data is not None and lapsed < 0:
+    if data is not None and lapsed < 0 and _alive(holder):
       raise ConfigError(
           f"--workdir {workdir} is in use by {_describe(holder)}; wait for it to end or pass "
           f"another --workdir. If that run is gone, its lease runs out in {-lapsed:.0f} s (then "
@@ -226,8 +226,9 @@ def _acquire_object(path: str, mine: dict) -> int:
     if data is None:  # released between the two reads
       taken = remote.create(path, _lease(mine))
     else:
-      logging.warning("Taking over the lock %s of %s, whose lease ran out %.0f s ago (the run "
-                      "is gone).", path, _describe(holder), lapsed)
+      why = (f"whose lease ran out {lapsed:.0f} s ago" if lapsed >= 0 else
+             "which is no longer running")
+      logging.warning("Taking over the lock %s of %s, %s.", path, _describe(holder), why)
       taken = remote.replace(path, _lease(mine), generation)
     if taken is None:
       raise ConfigError(f"--workdir {workdir} was just taken by another run; pass another "
