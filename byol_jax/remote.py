@@ -118,8 +118,8 @@ def create(path: str, data: bytes) -> Optional[int]:
 def read_with_generation(path: str) -> Tuple[Optional[bytes], Optional[int]]:
   """(contents, generation) of an object; (None, None) if there is none."""
   from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-  blob = _blob(path)
   with _errors(path, "reading"):
+    blob = _blob(path)
     try:
       data = blob.download_as_bytes(retry=_retry())
     except exceptions.NotFound:
@@ -131,8 +131,8 @@ def replace(path: str, data: bytes, generation: int) -> Optional[int]:
   """Replaces the object only if it is still at `generation` (0: absent): the new
   generation, or None if it changed."""
   from google.api_core import exceptions  # pylint: disable=g-import-not-at-top
-  blob = _blob(path)
   with _errors(path, "writing"):
+    blob = _blob(path)
     try:
       # Conditioned on the generation, so retrying it is safe.
       blob.upload_from_string(data, if_generation_match=generation, retry=_retry())
@@ -173,22 +173,18 @@ def list_dir(path: str) -> Tuple[List[Tuple[str, int]], List[str]]:
 
 def copy(src: str, dst: str) -> None:
   (src_bucket, src_name), (dst_bucket, dst_name) = split(src), split(dst)
-  client = _client()
   with _errors(src, "copying"):
+    client = _client()
     client.bucket(src_bucket).copy_blob(client.bucket(src_bucket).blob(src_name),
                                         client.bucket(dst_bucket), dst_name, retry=_retry())
 
 
 def size(path: str) -> Optional[int]:
   """The size of an object; None if there is none."""
-  blob = _blob(path)
+  bucket, name = split(path)
   with _errors(path, "reading"):
-    return blob.size if blob.exists(retry=_retry()) and _reload(blob) else None
-
-
-def _reload(blob) -> bool:
-  blob.reload(retry=_retry())
-  return True
+    blob = _client().bucket(bucket).get_blob(name, retry=_retry())
+  return None if blob is None else blob.size
 
 
 def exists(path: str) -> bool:

@@ -306,6 +306,8 @@ def test_missing_credentials(monkeypatch):
   try:
     with pytest.raises(errors.ConfigError) as e:
       fileio.read_text(f"gs://{BUCKET}/run/config.json")
+    with pytest.raises(errors.ConfigError, match="No Google Cloud credentials"):
+      workdir_lock.hold(f"gs://{BUCKET}/run", "pretrain").__enter__()  # the first a run does
   finally:
     remote._client.cache_clear()  # pylint: disable=protected-access
   assert "No Google Cloud credentials" in one_line_user_error(e.value)
