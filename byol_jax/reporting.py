@@ -5,11 +5,12 @@ so callers never branch on the process index. TensorBoard event files are
 written with the `tensorboard` package's record writer and protos, which need
 no TensorFlow.
 
-On an object store (gs://) nothing can be appended or streamed: the rows and
-events of the last UPLOAD_EVERY_S seconds are held and written as new objects
-(metrics parts, see `fileio`; one more event file), so the run writes each
-row once; a kill -9 loses at most those seconds of rows, which a resumed run
-writes again from its checkpoint on.
+On an object store (gs://) nothing can be appended or streamed: rows and
+events are held and written as new objects (metrics parts, see `fileio`; one
+more event file) every UPLOAD_EVERY_S seconds and at each `flush`, which the
+training loop calls before every checkpoint. So the run writes each row once,
+and a kill -9 loses only rows past the last checkpoint, which the resumed run
+writes again.
 """
 
 import atexit
@@ -18,6 +19,7 @@ import json
 import math
 import os
 import socket
+import sys
 import time
 from typing import Dict, Optional
 
@@ -46,7 +48,7 @@ class Reporter:
       fileio.makedirs(workdir)
       self._writer = EventWriter(os.path.join(workdir, "tensorboard", name))
       if self._held is not None:
-        atexit.register(self.flush)  # an error's exit keeps the held rows too
+        atexit.register(self._flush_at_exit)  # an error's exit keeps the held rows too
 
   def flush(self) -> None:
     """Writes the rows and events held for an object store (a no-op elsewhere)."""
@@ -57,6 +59,13 @@ class Reporter:
       self._held = []
     self._writer.flush()
     self._uploaded = time.monotonic()
+
+  def _flush_at_exit(self) -> None:
+    try:
+      self.flush()
+    except Exception as e:  # noqa: BLE001 - at exit a warning is all that can be done
+      print(f"[{self.name}] warning: could not write the last metrics rows to "
+            f"{self.jsonl_path}: {e}", file=sys.stderr, flush=True)
 
   def start_timer(self, step: int) -> None:
     self._last = (time.perf_counter(), step)
