@@ -13,6 +13,7 @@ them: each append costs its own size, never a rewrite of the file. A later
 before it (removed after it), so a kill between the two loses nothing.
 """
 
+import concurrent.futures
 import contextlib
 import os
 import tempfile
@@ -78,7 +79,13 @@ def _read_parts(path: str) -> str:
     text, parts = "", parts[full[-1]:]
   else:
     text = remote.read_bytes(path).decode() if parts == [] or remote.exists(path) else ""
-  return text + "".join(remote.read_bytes(p).decode() for p in parts)
+  return text + "".join(b.decode() for b in _each(remote.read_bytes, parts))
+
+
+def _each(fn, paths: list) -> list:
+  """fn over each path, many requests in flight (a long run leaves many parts)."""
+  with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+    return list(pool.map(fn, paths))
 
 
 def _part_name(path: str, kind: str) -> str:
@@ -154,9 +161,7 @@ def write_text(path: str, text: str) -> None:
       remote.write_bytes(path, text.encode())
       return
     remote.write_bytes(_part_name(path, "full"), text.encode())
-    remote.delete(path)
-    for part in old:
-      remote.delete(part)
+    _each(remote.delete, [path, *old])
     return
   with atomic_local_path(path) as tmp:
     with open(tmp, "w") as f:
