@@ -6,12 +6,14 @@ Every field of the config can be overridden: `--config.optimizer.base_lr=0.3`;
 
 import logging as std_logging
 import os
+import shlex
 import sys
 import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+import byol_jax
 from byol_jax import config_lib, errors, jobs
 
 # 128 + SIGTERM, as a shell reports a job ended by it: schedulers treat it as "requeue".
@@ -19,9 +21,10 @@ from byol_jax import config_lib, errors, jobs
 PREEMPTED_EXIT_CODE = 143
 # 128 + SIGINT: a second Ctrl-C, which leaves without saving.
 INTERRUPTED_EXIT_CODE = 130
-# What a user can cause; printed as one line unless --traceback.
-USER_ERRORS = (errors.ConfigError, errors.NonFiniteLossError, FileNotFoundError, ValueError,
-               ImportError)
+# What a user can cause; printed as one line unless --traceback. Anything else
+# (a bare ValueError or ImportError included) is a bug: its traceback, then `bug_line`.
+USER_ERRORS = (errors.ConfigError, errors.DataSourceError, errors.MissingDependencyError,
+               errors.StorageError, errors.NonFiniteLossError, FileNotFoundError)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for all outputs "
                                 "(--job=compile: optional, default the current directory).")
@@ -90,13 +93,20 @@ def main():
           "same command to resume from it.", file=sys.stderr)
     _exit(INTERRUPTED_EXIT_CODE)
   except Exception as e:  # pylint: disable=broad-except
-    if not isinstance(e, USER_ERRORS) or _TRACEBACK.value:
-      if not _is_distributed():
-        raise
-      traceback.print_exc()
-    else:
+    if isinstance(e, USER_ERRORS) and not _TRACEBACK.value:
       print(f"error: {e}", file=sys.stderr)
+    else:
+      traceback.print_exc()
+      if not isinstance(e, USER_ERRORS):
+        print(bug_line(sys.argv), file=sys.stderr)
     _exit(1)
+
+
+def bug_line(argv) -> str:
+  """The line closing an unexpected error's traceback: it is a bug, with what to report."""
+  command = " ".join(shlex.quote(a) for a in argv)
+  return (f"error: this is a bug in byol_jax {byol_jax.__version__}, not a mistake of yours; "
+          f"please report it with the traceback above and the command: {command}")
 
 
 def _is_distributed() -> bool:

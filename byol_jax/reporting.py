@@ -4,17 +4,29 @@ Only process 0 reports; the other processes get a Reporter that does nothing,
 so callers never branch on the process index. TensorBoard event files are
 written with the `tensorboard` package's record writer and protos, which need
 no TensorFlow.
+
+On an object store (gs://) nothing can be appended or streamed: rows and
+events are held and written as new objects (metrics parts, see `fileio`; one
+more event file) every UPLOAD_EVERY_S seconds and at each `flush`, which the
+training loop calls before every checkpoint. So the run writes each row once,
+and a kill -9 loses only rows past the last checkpoint, which the resumed run
+writes again.
 """
 
+import atexit
+import io
 import json
 import math
 import os
 import socket
+import sys
 import time
 from typing import Dict, Optional
 
 from byol_jax import fileio
 
+# On object stores: how often the held rows and events are written.
+UPLOAD_EVERY_S = 60.0
 PLOTTED = ("byol_loss", "learning_rate", "tau", "probe_top1", "eval/probe_top1", "eval/knn_top1",
            "projection_std")
 
@@ -30,9 +42,30 @@ class Reporter:
     self.jsonl_path = os.path.join(workdir, f"{name}_metrics.jsonl")
     self._writer = None
     self._last: Optional[tuple] = None  # (time, step) at the last timed report
+    self._held = [] if not fileio.streams(workdir) else None  # rows not yet written
+    self._uploaded = time.monotonic()
     if enabled:
       fileio.makedirs(workdir)
       self._writer = EventWriter(os.path.join(workdir, "tensorboard", name))
+      if self._held is not None:
+        atexit.register(self._flush_at_exit)  # an error's exit keeps the held rows too
+
+  def flush(self) -> None:
+    """Writes the rows and events held for an object store (a no-op elsewhere)."""
+    if not self.enabled or self._held is None:
+      return
+    if self._held:
+      fileio.append_text(self.jsonl_path, "".join(self._held))
+      self._held = []
+    self._writer.flush()
+    self._uploaded = time.monotonic()
+
+  def _flush_at_exit(self) -> None:
+    try:
+      self.flush()
+    except Exception as e:  # noqa: BLE001 - at exit a warning is all that can be done
+      print(f"[{self.name}] warning: could not write the last metrics rows to "
+            f"{self.jsonl_path}: {e}", file=sys.stderr, flush=True)
 
   def start_timer(self, step: int) -> None:
     self._last = (time.perf_counter(), step)
@@ -40,6 +73,7 @@ class Reporter:
   def drop_after(self, step: int) -> None:
     """Drops the metrics rows past `step` (and a row cut short by a kill): a run
     resumed at `step` writes them again, so each step stays in the file once."""
+    self.flush()
     if not self.enabled or not fileio.exists(self.jsonl_path):
       return
     text = fileio.read_text(self.jsonl_path)
@@ -55,6 +89,7 @@ class Reporter:
   def rows(self, until: int) -> list:
     """The metrics rows already written up to step `until`; a row cut short by a kill is
     skipped."""
+    self.flush()
     if not self.enabled or not fileio.exists(self.jsonl_path):
       return []
     rows = []
@@ -81,11 +116,18 @@ class Reporter:
       eta_text = ""
     shown = " ".join(f"{k}={_fmt(v)}" for k, v in metrics.items())
     print(f"[{self.name}] step {step}/{self.total_steps} | {shown}{eta_text}", flush=True)
-    fileio.append_text(self.jsonl_path, json.dumps({"step": step, **metrics}) + "\n")
+    row = json.dumps({"step": step, **metrics}) + "\n"
     self._writer.scalars(step, metrics)
+    if self._held is None:
+      fileio.append_text(self.jsonl_path, row)
+      return
+    self._held.append(row)
+    if time.monotonic() - self._uploaded >= UPLOAD_EVERY_S:
+      self.flush()
 
   def plot(self, path: Optional[str] = None) -> Optional[str]:
     """Draws the curves of metrics.jsonl into a PNG; returns its path."""
+    self.flush()
     if not self.enabled or not fileio.exists(self.jsonl_path):
       return None
     import matplotlib  # pylint: disable=g-import-not-at-top
@@ -115,7 +157,9 @@ class EventWriter:
 
   The file is a TFRecord stream of `Event` protos, the first naming the format
   version, as `tf.summary` writes it; scalars go as `simple_value`s, which
-  TensorBoard reads as its scalar plots.
+  TensorBoard reads as its scalar plots. On an object store the events are
+  held until `flush`, which writes them as one more event file (TensorBoard
+  reads every file of the directory).
   """
 
   def __init__(self, logdir: str):
@@ -123,25 +167,47 @@ class EventWriter:
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
     self._event, self._summary = event_pb2.Event, summary_pb2.Summary
+    self._record_writer = RecordWriter
+    self.logdir = logdir
     fileio.makedirs(logdir)
-    # tf.summary's naming, so TensorBoard orders the files of a resumed run.
-    name = (f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
-            ".byol_jax.v2")
-    self.path = os.path.join(logdir, name)
-    self._file = fileio.open_for_writing(self.path)
+    self.path = self._new_path()
+    self._streamed = fileio.streams(logdir)
+    self._file = fileio.open_for_writing(self.path) if self._streamed else io.BytesIO()
     self._records = RecordWriter(self._file)
+    self._pending = False  # events held for an object store
+    self._start()
+
+  def _new_path(self) -> str:
+    # tf.summary's naming, so TensorBoard orders the files of a resumed run.
+    return os.path.join(self.logdir, f"events.out.tfevents.{time.time():.6f}."
+                                     f"{socket.gethostname()}.{os.getpid()}.byol_jax.v2")
+
+  def _start(self) -> None:
     self._write(self._event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def scalars(self, step: int, values: Dict[str, float]) -> None:
     summary = self._summary(value=[self._summary.Value(tag=k, simple_value=float(v))
                                    for k, v in values.items()])
     self._write(self._event(wall_time=time.time(), step=int(step), summary=summary))
+    self._pending = True
 
   def _write(self, event) -> None:
     self._records.write(event.SerializeToString())
-    self._file.flush()
+    if self._streamed:
+      self._file.flush()
+
+  def flush(self) -> None:
+    """On an object store: writes the events held since the last flush as a new file."""
+    if self._streamed or not self._pending:
+      return
+    fileio.write_bytes(self.path, self._file.getvalue())
+    self.path, self._pending = self._new_path(), False
+    self._file = io.BytesIO()
+    self._records = self._record_writer(self._file)
+    self._start()
 
   def close(self) -> None:
+    self.flush()
     self._file.close()
 
 

@@ -5,7 +5,10 @@ in-memory arrays, the update step and the jobs run without it installed.
 """
 
 
-class TensorFlowMissingError(ImportError):
+from byol_jax.errors import MissingDependencyError
+
+
+class TensorFlowMissingError(MissingDependencyError):
   """TensorFlow is needed for what was asked but is not installed."""
 
 

@@ -151,13 +151,6 @@ def test_resume_with_other_settings_is_refused_unless_allowed(tmp_path, caplog):
   ckpt.close()
 
 
-def test_settings_pick_fields_and_whole_blocks_as_json_values():
-  config = {"seed": 1, "batch_size": 16, "lr": 0.1,
-            "augment": {"crop_area": (0.08, 1.0), "view1": {"flip_prob": 0.5}}}
-  assert checkpoint.settings(config, ("seed", "augment")) == {
-      "seed": 1, "augment.crop_area": [0.08, 1.0], "augment.view1.flip_prob": 0.5}
-
-
 def test_checkpoint_from_another_architecture_is_refused(tmp_path):
   ckpt = checkpoint.Checkpointer(str(tmp_path / "ckpt"))
   ckpt.save(5, {"state": _state(5)}, {"architecture": {"depth": 50, "width": 1}})

@@ -1,5 +1,5 @@
-"""Workdir file I/O, locally and through a tf.io.gfile scheme (TensorFlow's ram://, standing in
-for gs://, which needs credentials and a network)."""
+"""Workdir file I/O, locally and through a tf.io.gfile scheme (TensorFlow's ram://); gs:// is
+tested against a real server in test_gcs.py."""
 
 import os
 

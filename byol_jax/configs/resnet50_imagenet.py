@@ -7,6 +7,7 @@ schedules use its presets: `--config=resnet50_imagenet:300` (also 40 and 100).
 Linear evaluation as its byol/configs/eval.py (see `linear_eval` in base.py).
 """
 
+from byol_jax.errors import ConfigError
 from byol_jax.configs import base
 
 # epochs -> (base_lr, weight_decay, base_tau): byol/configs/byol.py's presets.
@@ -20,8 +21,8 @@ PRESETS = {
 
 def imagenet_config(epochs: int):
   if epochs not in PRESETS:
-    raise ValueError(f"No preset for {epochs} epochs; use one of {sorted(PRESETS)} "
-                     "or set --config.epochs and the hyper-parameters yourself.")
+    raise ConfigError(f"No preset for {epochs} epochs; use one of {sorted(PRESETS)} "
+                      "or set --config.epochs and the hyper-parameters yourself.")
   c = base.get_base_config()
   c.epochs = float(epochs)
   c.optimizer.base_lr, c.optimizer.weight_decay, c.base_tau = PRESETS[epochs]

@@ -28,13 +28,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from byol_jax.errors import DataSourceError  # noqa: F401 - the source modules raise it
+
 # Fixed seed of the order that split slices cut (never config.seed: a val slice
 # must stay disjoint from its train complement whatever seed a run uses).
 _SLICE_ORDER_SEED = 20200613
-
-
-class DataSourceError(ValueError):
-  """A data source cannot be read as configured; the message says how to fix it."""
 
 
 # ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import functools
 
 import numpy as np
 
+from byol_jax.errors import ConfigError
 from byol_jax.data import sources
 
 # Stream tags keep the random streams of different uses independent.
@@ -31,7 +32,7 @@ def local_batch_size(batch_size: int, process_count: int) -> int:
   if process_count < 1:
     raise ValueError(f"process_count must be >= 1, got {process_count}.")
   if batch_size % process_count:
-    raise ValueError(
+    raise ConfigError(
         f"The global batch size {batch_size} does not divide by the {process_count} "
         f"processes; use a multiple of {process_count}, e.g. "
         f"{max(process_count, batch_size - batch_size % process_count)}.")
@@ -59,7 +60,7 @@ def class_balanced_subset(labels: np.ndarray, fraction: float, seed: int) -> np.
   never kept.
   """
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"label_fraction must be in (0, 1], got {fraction}.")
+    raise ConfigError(f"label_fraction must be in (0, 1], got {fraction}.")
   labelled = np.flatnonzero(labels >= 0)
   if fraction == 1.0 or not len(labelled):
     return labelled
@@ -149,5 +150,5 @@ def eval_rows(step: int, num_examples: int, batch_size: int, process_index: int,
 def eval_crop_fraction(config) -> float:
   fraction = float(config.data.eval_crop_fraction)
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"data.eval_crop_fraction must be in (0, 1], got {fraction}.")
+    raise ConfigError(f"data.eval_crop_fraction must be in (0, 1], got {fraction}.")
   return fraction

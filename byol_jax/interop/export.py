@@ -25,6 +25,7 @@ from typing import Dict, Mapping, Tuple
 
 import numpy as np
 
+from byol_jax.errors import ConfigError
 from byol_jax import fileio
 from byol_jax.interop import torchvision_export as tv
 from byol_jax.model.networks import IMAGE_MEAN, IMAGE_STD
@@ -154,9 +155,9 @@ def run_export(params, state, config, out_dir: str) -> Dict[str, str]:
   model_config = config.model
   include_projector = bool(config.export.include_projector)
   if include_projector and not model_config.head_norm:
-    raise ValueError("The torchvision projector has a BatchNorm layer, which this model's heads "
-                     "lack (model.head_norm=False); export with "
-                     "--config.export.include_projector=False.")
+    raise ConfigError("The torchvision projector has a BatchNorm layer, which this model's heads "
+                      "lack (model.head_norm=False); export with "
+                      "--config.export.include_projector=False.")
   # First, as it checks the model config: nothing is written for a config that cannot export.
   metadata = tv.torchvision_metadata(model_config, include_projector=include_projector)
   paths = {"npz": os.path.join(out_dir, NPZ_NAME),

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byol_jax.errors import ConfigError
 from byol_jax import fileio
 from byol_jax.configs import base
 from byol_jax.interop import export
@@ -115,11 +116,11 @@ def _state(flat: dict, shapes: dict, folder: str) -> dict:
 
 def _array(flat: dict, key: str, shape, folder: str) -> np.ndarray:
   if key not in flat:
-    raise ValueError(f"{folder}/{export.NPZ_NAME} has no array {key!r}, which the network its "
-                     f"{export.JSON_NAME} describes needs; re-run --job=export.")
+    raise ConfigError(f"{folder}/{export.NPZ_NAME} has no array {key!r}, which the network its "
+                      f"{export.JSON_NAME} describes needs; re-run --job=export.")
   value = flat[key]
   if value.shape != shape.shape:
-    raise ValueError(f"{folder}/{export.NPZ_NAME}: {key!r} is {list(value.shape)}, the network "
-                     f"its {export.JSON_NAME} describes needs {list(shape.shape)}; re-run "
-                     "--job=export.")
+    raise ConfigError(f"{folder}/{export.NPZ_NAME}: {key!r} is {list(value.shape)}, the network "
+                      f"its {export.JSON_NAME} describes needs {list(shape.shape)}; re-run "
+                      "--job=export.")
   return value.astype(shape.dtype)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byol_jax.errors import ConfigError
 from byol_jax.interop import reference_pickle
 from byol_jax.model import networks
 from byol_jax.train import optim
@@ -87,8 +88,8 @@ def reference_module(module: str, encoder: str) -> Optional[str]:
 def _encoder_name(params) -> str:
   names = sorted({m[:-len("/~/initial_conv")] for m in params if m.endswith("/~/initial_conv")})
   if len(names) != 1:
-    raise ValueError(f"Expected one ResNet encoder (a '<name>/~/initial_conv' module) in the "
-                     f"online params, found {names}: this is not a BYOL ResNet checkpoint.")
+    raise ConfigError(f"Expected one ResNet encoder (a '<name>/~/initial_conv' module) in the "
+                      f"online params, found {names}: this is not a BYOL ResNet checkpoint.")
   return names[0]
 
 
@@ -109,7 +110,7 @@ def _plain(tree, what: str) -> Dict[str, Dict[str, np.ndarray]]:
     return {str(m): {str(n): np.asarray(v) for n, v in leaves.items()}
             for m, leaves in tree.items()}
   except AttributeError:
-    raise ValueError(f"The checkpoint's {what} are not a Haiku tree of arrays.") from None
+    raise ConfigError(f"The checkpoint's {what} are not a Haiku tree of arrays.") from None
 
 
 def _rename(tree: dict, encoder: str, what: str) -> Tuple[dict, Dict[str, str]]:
@@ -118,8 +119,8 @@ def _rename(tree: dict, encoder: str, what: str) -> Tuple[dict, Dict[str, str]]:
   for module, leaves in tree.items():
     new = byol_jax_module(module, encoder)
     if new is None:
-      raise ValueError(f"The checkpoint's {what} hold {module}, which byol_jax's network has "
-                       "no place for: it is not a ResNet-50/101/152/200 BYOL checkpoint.")
+      raise ConfigError(f"The checkpoint's {what} hold {module}, which byol_jax's network has "
+                        "no place for: it is not a ResNet-50/101/152/200 BYOL checkpoint.")
     renamed[new], sources[new] = leaves, module
   return renamed, sources
 
@@ -130,22 +131,22 @@ def _check_and_cast(tree: dict, sources: dict, expected: dict, what: str, descri
           "--config.model.depth=200 --config.model.width=2)")
   unexpected = sorted(set(tree) - set(expected))
   if unexpected:
-    raise ValueError(f"The checkpoint's {what} hold {sources[unexpected[0]]} (byol_jax's "
-                     f"{unexpected[0]}), which byol_jax's network ({describe}) lacks: {hint}.")
+    raise ConfigError(f"The checkpoint's {what} hold {sources[unexpected[0]]} (byol_jax's "
+                      f"{unexpected[0]}), which byol_jax's network ({describe}) lacks: {hint}.")
   out = {}
   for module, leaves in expected.items():
     found = tree.get(module, {})
     for name, spec in leaves.items():
       if name not in found:
-        raise ValueError(f"The checkpoint's {what} have no tensor for byol_jax's "
-                         f"{module}/{name} (shape {spec.shape}): the file is incomplete or "
-                         "not a BYOL checkpoint.")
+        raise ConfigError(f"The checkpoint's {what} have no tensor for byol_jax's "
+                          f"{module}/{name} (shape {spec.shape}): the file is incomplete or "
+                          "not a BYOL checkpoint.")
       if found[name].shape != spec.shape:
-        raise ValueError(f"{sources[module]}/{name} has shape {found[name].shape} but byol_jax's "
-                         f"{module}/{name} ({describe}) has {spec.shape}: {hint}.")
+        raise ConfigError(f"{sources[module]}/{name} has shape {found[name].shape} but byol_jax's "
+                          f"{module}/{name} ({describe}) has {spec.shape}: {hint}.")
     extra = sorted(set(found) - set(leaves))
     if extra:
-      raise ValueError(f"{sources[module]}/{extra[0]} has no place in byol_jax's {module}.")
+      raise ConfigError(f"{sources[module]}/{extra[0]} has no place in byol_jax's {module}.")
     out[module] = {name: found[name].astype(spec.dtype, copy=False)
                    for name, spec in leaves.items()}
   return out
@@ -154,8 +155,8 @@ def _check_and_cast(tree: dict, sources: dict, expected: dict, what: str, descri
 def check_model_config(model_config) -> None:
   """The reference pads as Haiku's "SAME"; byol_jax does so only when asked."""
   if model_config.padding != "haiku_same":
-    raise ValueError(f"DeepMind's checkpoints need Haiku's 'SAME' padding, but model.padding "
-                     f"is {model_config.padding!r}: pass --config.model.padding=haiku_same.")
+    raise ConfigError(f"DeepMind's checkpoints need Haiku's 'SAME' padding, but model.padding "
+                      f"is {model_config.padding!r}: pass --config.model.padding=haiku_same.")
 
 
 def _check_architecture(params, encoder: str, model_config) -> None:
@@ -164,7 +165,7 @@ def _check_architecture(params, encoder: str, model_config) -> None:
   stem_channels = params[f"{encoder}/~/initial_conv"]["w"].shape[-1]
   width, rest = divmod(stem_channels, model_config.base_channels)
   if depth and (int(depth[1]), width, rest) != (model_config.depth, model_config.width, 0):
-    raise ValueError(
+    raise ConfigError(
         f"The checkpoint holds a ResNet-{depth[1]} ({encoder}) with {stem_channels} stem "
         f"channels but the config builds depth {model_config.depth}, width "
         f"{model_config.width}, base_channels {model_config.base_channels}: pass "
@@ -214,8 +215,8 @@ def _lars_momentum(opt_state):
   for part in opt_state:
     if type(part).__name__ == "ScaleByLarsState":
       return part[0]
-  raise ValueError("The checkpoint's opt_state holds no ScaleByLarsState: it is not the "
-                   "state of the reference's LARS.")
+  raise ConfigError("The checkpoint's opt_state holds no ScaleByLarsState: it is not the "
+                    "state of the reference's LARS.")
 
 
 def to_train_state(experiment_state, step: int, model_config, optimizer, rng) -> TrainState:
@@ -261,8 +262,8 @@ def from_train_state(state: TrainState, model_config):
     for module, leaves in _plain(t, what).items():
       ref = reference_module(module, encoder)
       if ref is None:
-        raise ValueError(f"byol_jax's {what} hold {module}, which the reference's network has "
-                         "no place for: it builds BatchNorm ResNets with the ImageNet stem.")
+        raise ConfigError(f"byol_jax's {what} hold {module}, which the reference's network has "
+                          "no place for: it builds BatchNorm ResNets with the ImageNet stem.")
       out[ref] = leaves
     return out
 
@@ -281,7 +282,7 @@ def import_file(path: str, model_config) -> Imported:
   try:
     params, state = experiment.online_params, experiment.online_state
   except AttributeError:
-    raise ValueError(f"{path}: the experiment_state has no online_params / online_state; it "
-                     "is not a BYOL pretraining checkpoint (pretrain_*.pkl).") from None
+    raise ConfigError(f"{path}: the experiment_state has no online_params / online_state; it "
+                      "is not a BYOL pretraining checkpoint (pretrain_*.pkl).") from None
   params, state, num_classes = to_byol_jax(params, state, model_config)
   return Imported(params, state, int(data.get("step", 0)), num_classes)

@@ -20,6 +20,8 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
+from byol_jax.errors import ConfigError
+
 _RECONSTRUCT = np.ndarray((0,)).__reduce__()[0]   # numpy's array reconstruction
 _SCALAR = np.float32(0).__reduce__()[0]          # numpy's scalar reconstruction
 
@@ -119,11 +121,11 @@ def load(path: str) -> Dict[str, Any]:
     try:
       data = _Unpickler(f).load()
     except pickle.UnpicklingError as e:
-      raise ValueError(f"{path}: {e}") from None
+      raise ConfigError(f"{path}: {e}") from None
     except (EOFError, TypeError, ValueError, AttributeError, IndexError, KeyError) as e:
-      raise ValueError(f"{path} is not a readable BYOL checkpoint ({type(e).__name__}: {e}); "
-                       "download it again.") from None
+      raise ConfigError(f"{path} is not a readable BYOL checkpoint ({type(e).__name__}: {e}); "
+                        "download it again.") from None
   if not isinstance(data, dict) or "experiment_state" not in data:
-    raise ValueError(f"{path} holds no experiment_state: it is not a BYOL pretraining "
-                     "checkpoint (deepmind-research/byol, pretrain_*.pkl).")
+    raise ConfigError(f"{path} holds no experiment_state: it is not a BYOL pretraining "
+                      "checkpoint (deepmind-research/byol, pretrain_*.pkl).")
   return data

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from byol_jax.errors import ConfigError
+
 NormLayer = Callable[[int], nn.Module]
 # The values `byol_jax.model.resnet` accepts (tests/test_export.py checks they agree).
 PADDINGS = ("torchvision", "haiku_same")
@@ -60,7 +62,7 @@ class SameMaxPool2d(nn.MaxPool2d):
 
 def _check_padding(padding: str) -> None:
   if padding not in PADDINGS:
-    raise ValueError(f"Unknown padding {padding!r}; use one of {PADDINGS}.")
+    raise ConfigError(f"Unknown padding {padding!r}; use one of {PADDINGS}.")
 
 
 def _conv(in_ch: int, out_ch: int, kernel: int, stride: int = 1,
@@ -140,7 +142,7 @@ class ResNet(nn.Module):
                base_channels: int = 64, padding: str = "torchvision"):
     super().__init__()
     if stem not in ("imagenet", "cifar"):
-      raise ValueError(f"Unknown stem {stem!r}; use 'imagenet' or 'cifar'.")
+      raise ConfigError(f"Unknown stem {stem!r}; use 'imagenet' or 'cifar'.")
     _check_padding(padding)
     self._norm_layer = norm_layer or nn.BatchNorm2d
     self._padding = padding
@@ -197,9 +199,9 @@ def resnet(block: str, stage_sizes: Sequence[int], *, width: int = 1, stem: str 
   such a model in torch trains it without WS, i.e. not as it was pre-trained.
   """
   if block not in BLOCKS:
-    raise ValueError(f"Unknown block {block!r}; use one of {sorted(BLOCKS)}.")
+    raise ConfigError(f"Unknown block {block!r}; use one of {sorted(BLOCKS)}.")
   if norm not in NORMS:
-    raise ValueError(f"Unknown norm {norm!r}; use one of {NORMS}.")
+    raise ConfigError(f"Unknown norm {norm!r}; use one of {NORMS}.")
   return ResNet(BLOCKS[block], stage_sizes, width=width, stem=stem, num_classes=num_classes,
                 norm_layer=group_norm if norm == "group_ws" else nn.BatchNorm2d,
                 base_channels=base_channels, padding=padding)
@@ -231,9 +233,9 @@ def load_safetensors(path: str) -> ResNet:
                    stem=meta["stem"], norm=meta["norm"], padding=meta["padding"],
                    base_channels=int(meta["base_channels"]))
   except KeyError as e:
-    raise ValueError(f"{path} has no {e.args[0]!r} metadata; it was not written by "
-                     "byol_jax.interop.torchvision_export (format_version 2 or later): export again "
-                     "with --job=export.") from None
+    raise ConfigError(f"{path} has no {e.args[0]!r} metadata; it was not written by "
+                      "byol_jax.interop.torchvision_export (format_version 2 or later): export "
+                      "again with --job=export.") from None
   tensors = load_file(path)
   if "projector.0.weight" in tensors:
     hidden, in_features = tensors["projector.0.weight"].shape

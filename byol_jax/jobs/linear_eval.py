@@ -17,17 +17,10 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 
-from byol_jax import fileio, reporting
+from byol_jax import config_fields, fileio, reporting
 from byol_jax.data import datasets, input_pipeline
 from byol_jax.model import objectives
 from byol_jax.train import checkpoint, linear_step, loop, parallel
-
-# What a resumed classifier run must share with its checkpoint (`checkpoint.settings`);
-# lr and weight decay name the run's folder.
-TRAJECTORY = ("seed", "linear_eval.batch_size", "linear_eval.epochs", "linear_eval.label_fraction",
-              "linear_eval.fine_tune", "linear_eval.momentum", "linear_eval.nesterov",
-              "data.source", "data.name", "data.path", "data.train_split", "data.image_size",
-              "data.num_train_examples")
 
 
 def train_and_evaluate(config, pretrained, mesh, *, lr: float, weight_decay: float,
@@ -43,7 +36,7 @@ def train_and_evaluate(config, pretrained, mesh, *, lr: float, weight_decay: flo
   state = jax.jit(step.init, out_shardings=parallel.replicated(mesh))(*pretrained)
 
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=1)
-  settings = checkpoint.settings(config.to_dict(), TRAJECTORY)
+  settings = config_fields.settings("linear_eval", config.to_dict())
   start, restored = ckpt.restore({"state": checkpoint.abstract(state)},
                                  expected_settings=settings, allow_changed=allow_changed_resume)
   if restored is not None:

@@ -11,7 +11,7 @@ import os
 import jax
 from absl import logging
 
-from byol_jax import config_lib, fileio, reporting
+from byol_jax import config_fields, config_lib, fileio, reporting
 from byol_jax.data import input_pipeline
 from byol_jax.evaluate import evaluation
 from byol_jax.model import networks
@@ -24,18 +24,13 @@ COLLAPSE_ADVICE = ("Remedy: rerun in a new workdir with zero-initialised residua
                    "(--config.model.zero_init_residual=True) or a smaller "
                    "--config.optimizer.base_lr (halve it); see README.md, "
                    "'When the collapse monitor falls'.")
-# What a resumed run must share with its checkpoint to continue the same run
-# (`checkpoint.settings`); the learning rate and warmup may change: they are
-# the remedy DIVERGENCE_ADVICE gives.
-TRAJECTORY = ("seed", "batch_size", "steps", "data.source", "data.name", "data.path",
-              "data.train_split", "data.image_size", "data.num_train_examples", "augment")
 
 
 def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
   """Pretrains (or resumes) in `workdir`; returns the last metrics.
 
-  Resuming with other TRAJECTORY settings than the checkpoint's is refused
-  unless `allow_changed_resume`.
+  Resuming with other trajectory settings than the checkpoint's (`config_fields`)
+  is refused unless `allow_changed_resume`.
   """
   # --- Setup: config, networks, state ---
   config = config_lib.prepare(config, mesh)
@@ -47,7 +42,7 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
   # --- Resume from the newest readable checkpoint ---
   ckpt = checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir), keep=config.checkpoint.keep)
   arch = checkpoint.architecture(config)
-  settings = checkpoint.settings(config.to_dict(), TRAJECTORY)
+  settings = config_fields.settings("pretrain", config.to_dict())
   start, restored = ckpt.restore(checkpoint.abstract(checkpoint.state_items(state)), arch,
                                  expected_settings=settings, allow_changed=allow_changed_resume)
   if restored is not None:

@@ -20,6 +20,8 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 
+from byol_jax.errors import ConfigError
+
 BN_DECAY = 0.9
 BN_EPS = 1e-5
 
@@ -58,20 +60,20 @@ class BlockSpec(NamedTuple):
 
 def check_architecture(depth, width, stem: str, norm: str, padding: str,
                        base_channels: int = 64) -> None:
-  """Raises a ValueError naming the config field to change if `ResNet` cannot build this."""
+  """Raises a ConfigError naming the config field to change if `ResNet` cannot build this."""
   if depth not in ARCHITECTURES:
-    raise ValueError(f"ResNet depth {depth!r} is not supported: model.depth must be one of "
-                     f"{sorted(ARCHITECTURES)}.")
+    raise ConfigError(f"ResNet depth {depth!r} is not supported: model.depth must be one of "
+                      f"{sorted(ARCHITECTURES)}.")
   if isinstance(width, bool) or not isinstance(width, int) or not 1 <= width <= MAX_WIDTH:
-    raise ValueError(f"ResNet width {width!r} is not supported: model.width must be an "
-                     f"integer in 1..{MAX_WIDTH}.")
+    raise ConfigError(f"ResNet width {width!r} is not supported: model.width must be an "
+                      f"integer in 1..{MAX_WIDTH}.")
   if isinstance(base_channels, bool) or not isinstance(base_channels, int) or base_channels < 1:
-    raise ValueError(f"base_channels {base_channels!r} is not supported: "
-                     "model.base_channels must be a positive integer (64 for standard ResNets).")
+    raise ConfigError(f"base_channels {base_channels!r} is not supported: "
+                      "model.base_channels must be a positive integer (64 for standard ResNets).")
   for field, value, choices in (("stem", stem, STEMS), ("norm", norm, NORMS),
                                 ("padding", padding, PADDINGS)):
     if value not in choices:
-      raise ValueError(f"Unknown {field} {value!r}: model.{field} must be one of {choices}.")
+      raise ConfigError(f"Unknown {field} {value!r}: model.{field} must be one of {choices}.")
 
 
 def layout(depth: int, width: int = 1, base_channels: int = 64) -> Tuple[BlockSpec, ...]:
@@ -283,8 +285,8 @@ class ResNet(hk.Module):
                max_pool: str = "auto", name: Optional[str] = "encoder"):
     super().__init__(name=name)
     if max_pool not in MAX_POOLS:
-      raise ValueError(f"Unknown max_pool {max_pool!r}: model.max_pool must be one of "
-                       f"{MAX_POOLS}.")
+      raise ConfigError(f"Unknown max_pool {max_pool!r}: model.max_pool must be one of "
+                        f"{MAX_POOLS}.")
     self.remat, self.max_pool = remat, max_pool
     check_architecture(depth, width, stem, norm, padding, base_channels)
     # 64 is every standard ResNet; smaller values give narrow nets for CPU demos and tests.

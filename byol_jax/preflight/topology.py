@@ -17,7 +17,7 @@ import os
 import re
 from typing import List, NamedTuple, Tuple
 
-from byol_jax.errors import ConfigError
+from byol_jax.errors import ConfigError, MissingDependencyError
 
 # generation -> (Cloud name prefix, counts TensorCores?, dimensions, chip config, devices per chip)
 GENERATIONS = {
@@ -117,7 +117,7 @@ def devices(topology: Topology) -> List:
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   from jax._src import cloud_tpu_init  # pylint: disable=g-import-not-at-top
   if cloud_tpu_init.get_tpu_library_path() is None:
-    raise ImportError(TPU_INSTALL)
+    raise MissingDependencyError(TPU_INSTALL)
   bounds = tuple(min(b, s) for b, s in zip(CHIPS_PER_HOST, (*topology.shape, 1)))
   desc = topologies.get_topology_desc(
       platform="tpu", topology_name=topology.topology_name, chip_config_name=topology.chip_config,

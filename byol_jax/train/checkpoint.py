@@ -24,7 +24,6 @@ Checkpoints written before the split hold one item `state` (the whole
 TrainState); both `Checkpointer.restore` and `load_pretrained` still read them.
 """
 
-import json
 import os
 from typing import Optional, Tuple
 
@@ -33,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from byol_jax import remote
 from byol_jax.errors import ConfigError
 from byol_jax.model import networks
 from byol_jax.train import parallel
@@ -53,15 +53,6 @@ def architecture(config) -> dict:
   arch = {k: config.model[k] for k in _ARCH_FIELDS}
   arch["num_classes"] = int(config.data.num_classes)
   return arch
-
-
-def settings(config_dict: dict, fields) -> dict:
-  """The values of `fields` (dotted names; a block stands for all its leaves) as JSON values.
-
-  What `restore` compares with a checkpoint's `settings` before resuming from it.
-  """
-  flat = _flatten(json.loads(json.dumps(config_dict)))
-  return {k: v for k, v in flat.items() if any(k == f or k.startswith(f + ".") for f in fields)}
 
 
 def loss_record(interval_max: float, run_min: float) -> dict:
@@ -101,6 +92,9 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3):
     self.directory = directory
+    if remote.is_gcs(directory):
+      from byol_jax import gcs_fsspec  # pylint: disable=g-import-not-at-top  # needs fsspec
+      gcs_fsspec.install()  # orbax's gs:// files through byol_jax's one Cloud Storage client
     # The directory appears with the first save, so a run that fails earlier leaves none.
     self.manager = ocp.CheckpointManager(
         os.path.abspath(directory) if "://" not in directory else directory,
@@ -156,7 +150,7 @@ class Checkpointer:
       raise ConfigError(
           f"{where} was written by a different model: {_diff(saved_arch, arch)}. Use a fresh "
           "--workdir, or a config that matches the checkpoint (--config.model.FIELD=...).")
-    saved = meta.get("settings")
+    saved = _saved_settings(meta, expected)
     if expected is None or saved is None or saved == expected:
       return
     if not allow_changed:
@@ -339,6 +333,16 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     else:
       flat[prefix + key] = value
   return flat
+
+
+def _saved_settings(meta: dict, expected: Optional[dict]) -> Optional[dict]:
+  """The checkpoint's values of the `expected` settings; a setting it predates is taken as
+  unchanged (its `config` stands in for `settings` written before the setting was compared)."""
+  saved = meta.get("settings")
+  if expected is None or saved is None:
+    return saved
+  config = _flatten(meta.get("config") or {})
+  return {k: saved.get(k, config.get(k, v)) for k, v in expected.items()}
 
 
 def _diff(saved: dict, expected: dict) -> str:

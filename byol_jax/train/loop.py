@@ -133,6 +133,7 @@ def train(state, *, update, batches, mesh, start: int, total: int, every: Every,
         reporter.write(done, last)
         watch(done, last)
       if save:
+        reporter.flush()  # on gs://, the rows up to a checkpoint are written before it
         ckpt.save(done, to_items(state), {**meta, "loss": history.record()})
       if stop:
         return state, {**last, "preempted_at_step": done}

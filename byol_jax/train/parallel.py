@@ -14,6 +14,8 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from byol_jax.errors import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -70,9 +72,12 @@ def initialize_distributed(coordinator_address=None, num_processes=None, process
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds,
                                shutdown_timeout_seconds=shutdown_timeout_seconds)
   except ValueError as e:
+    if explicit:
+      raise ConfigError(f"Cannot join the multi-process job at {coordinator_address} ({e}); "
+                        "check --coordinator_address, --num_processes and --process_id.") from e
     # A TPU VM outside a pod (or a GKE node pool without the worker list) has
     # no cluster for JAX to find; it raises before starting anything.
-    if explicit or not on_tpu:
+    if not on_tpu:
       raise
     logging.info("No multi-host TPU environment found (%s); running as one process.", e)
     return
@@ -135,7 +140,7 @@ def check_batch_size(global_batch: int, mesh: Mesh) -> int:
   """Returns the per-process batch, or raises a readable error when it does not divide."""
   devices, processes = mesh.devices.size, jax.process_count()
   if global_batch % devices:
-    raise ValueError(
+    raise ConfigError(
         f"The global batch size {global_batch} does not divide evenly over {devices} devices "
         f"({processes} process(es)). Use a multiple of {devices}, e.g. "
         f"--config.batch_size={max(devices, global_batch - global_batch % devices)}.")

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from byol_jax.errors import ConfigError
 from byol_jax.configs import base
 
 # ITU-R 601 luma weights, the usual RGB -> gray conversion (TF, PIL, torchvision).
@@ -188,8 +189,8 @@ def _jitter_ranges(view_config: ViewConfig, color: str) -> dict:
     factor = lambda s: (max(0.0, 1.0 - s), 1.0 + s)
     brightness = factor(strength["brightness"])
   else:
-    raise ValueError(f"Unknown colour style {color!r}; set config.augment.color to one of "
-                     f"{COLOR_STYLES}.")
+    raise ConfigError(f"Unknown colour style {color!r}; set config.augment.color to one of "
+                      f"{COLOR_STYLES}.")
   return dict(brightness=brightness, contrast=factor(strength["contrast"]),
               saturation=factor(strength["saturation"]),
               hue=(-strength["hue"], strength["hue"]))

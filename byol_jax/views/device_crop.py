@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from byol_jax.errors import ConfigError
 from byol_jax.configs import base
 from byol_jax.views import crop_windows
 
@@ -100,8 +101,8 @@ def _resize_matrix(start, length, in_size: int, out_size: int, resize: str, reve
     src = jnp.clip(src, 0.0, length - 1.0)
     return jnp.maximum(0.0, 1.0 - jnp.abs(src[:, None] - local[None, :]))
   if resize != "bicubic":
-    raise ValueError(f"Unknown resize method {resize!r}; set config.augment.resize to "
-                     "'bicubic' or 'bilinear'.")
+    raise ConfigError(f"Unknown resize method {resize!r}; set config.augment.resize to "
+                      "'bicubic' or 'bilinear'.")
   inside = (local >= 0) & (local <= length - 1)
   weights = jnp.where(inside[None, :], _keys_cubic(src[:, None] - local[None, :]), 0.0)
   return weights / jnp.sum(weights, axis=1, keepdims=True)
@@ -124,8 +125,8 @@ def random_views(images, keys, view_config, size: int, crop: str = "reference",
   """Random resized crop + flip of a batch: uint8 [B, H, W, 3], keys [B] ->
   float32 [B, size, size, 3] in [0, 1]."""
   if crop not in WINDOWS:
-    raise ValueError(f"Unknown crop style {crop!r}; set config.augment.crop to one of "
-                     f"{tuple(WINDOWS)}.")
+    raise ConfigError(f"Unknown crop style {crop!r}; set config.augment.crop to one of "
+                      f"{tuple(WINDOWS)}.")
   height, width = images.shape[1], images.shape[2]
   area, aspect = tuple(view_config["crop_area"]), tuple(view_config["crop_aspect"])
   flip_prob = float(view_config["flip_prob"])

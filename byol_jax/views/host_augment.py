@@ -14,6 +14,7 @@ shipped as float16 in [0, 1]) and the torchvision/SimCLR-style alternative
 
 import math
 
+from byol_jax.errors import ConfigError
 from byol_jax.tf_import import import_tensorflow
 from byol_jax.views import crop_windows
 
@@ -98,8 +99,8 @@ CROP_WINDOWS = {"reference": reference_crop_window, "inception": inception_crop_
 def sample_crop_window(seed, height, width, area_range, aspect_range, crop: str = "reference"):
   """A random crop window `[y, x, h, w]` (int32) in the `crop` style."""
   if crop not in CROP_WINDOWS:
-    raise ValueError(f"Unknown crop style {crop!r}; set config.augment.crop to one of "
-                     f"{tuple(CROP_WINDOWS)}.")
+    raise ConfigError(f"Unknown crop style {crop!r}; set config.augment.crop to one of "
+                      f"{tuple(CROP_WINDOWS)}.")
   return CROP_WINDOWS[crop](seed, height, width, area_range, aspect_range)
 
 
@@ -140,8 +141,8 @@ def resize_view(crop, size: int, resize: str = "bicubic"):
   """
   tf = import_tensorflow()
   if resize not in VIEW_DTYPES:
-    raise ValueError(f"Unknown resize method {resize!r}; set config.augment.resize to one of "
-                     f"{tuple(VIEW_DTYPES)}.")
+    raise ConfigError(f"Unknown resize method {resize!r}; set config.augment.resize to one of "
+                      f"{tuple(VIEW_DTYPES)}.")
   view = tf.image.resize(crop, [size, size], method=resize, antialias=False)
   dtype = tf.as_dtype(VIEW_DTYPES[resize])
   if dtype == tf.uint8:
