@@ -43,7 +43,7 @@ FIELDS: Dict[str, Tuple[str, str, str]] = {
     "warmup_steps": (A, N, _LR_REMEDY),
     "base_tau": (T, N, "the target network's moving average"),
     "tau_schedule": (T, N, "the target network's moving average"),
-    "compute_dtype": (T, N, "the precision of every step"),
+    "compute_dtype": (T, T, "the precision of every step (linear_eval computes in it too)"),
     "log_every_steps": (A, A, _LOG),
     "import_path": (N, N, "read by --job=import_reference only"),
     **{f"model.{k}": (T, N, f"{_ARCH}; {_FROM_CHECKPOINT}") for k in (
@@ -72,7 +72,8 @@ FIELDS: Dict[str, Tuple[str, str, str]] = {
     **{f"augment.{v}.{k}": (T, T, "the augmentation of every training view")
        for v in ("view1", "view2") for k in _VIEW},
     **{f"eval.{k}": (A, N, _EVAL) for k in (
-        "every_steps", "batch_size", "knn_k", "knn_temperature", "max_examples")},
+        "every_steps", "batch_size", "knn_k", "knn_temperature", "knn_train_split",
+        "knn_bank_dtype")},
     "checkpoint.every_steps": (A, A, _LOG),
     "checkpoint.keep": (A, N, "how many checkpoints to keep (linear_eval keeps 1)"),
     "linear_eval.pretrained_workdir": (N, T, "the encoder the classifier is trained on"),
