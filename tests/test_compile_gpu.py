@@ -65,6 +65,8 @@ def test_largest_batch_scales_the_batch_memory():
   g = 2.0**30
   assert gpu.largest_batch(32, 5 * g, 4 * g, 40 * g, 0.1) == 1024
   assert gpu.largest_batch(32, 5 * g, 4 * g, 4 * g, 0.1) == 0
+  assert gpu.largest_batch(32, 5 * g, 4 * g, 5 * g, 0.1) == 16   # 0.5 GiB: 16 examples
+  assert gpu.largest_batch(32, 5 * g, 4 * g, 4.5 * g, 0.1) == 1  # 0.05 GiB: 1.6 examples
 
 
 # Shapes as XLA:GPU writes them (operands by name); a forward, a filter-gradient and an

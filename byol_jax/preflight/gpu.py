@@ -170,12 +170,14 @@ def devices(topology: GpuTopology) -> List:
 
 def largest_batch(per_device: float, needed: float, fixed: float, memory: float,
                   headroom: float) -> int:
-  """The largest power-of-two examples per GPU that fits `memory` with `headroom` spare, the
-  memory beyond `fixed` (parameters, optimiser state) scaled linearly with the batch: an
-  estimate (compile it to check)."""
+  """The most examples per GPU (a multiple of 8, or a power of two below 8) that fit `memory`
+  with `headroom` spare, the memory beyond `fixed` (parameters, optimiser state) scaled
+  linearly with the batch: an estimate (compile it to check)."""
   per_example = max(needed - fixed, 1.0) / per_device
-  room = memory * (1 - headroom) - fixed
-  return 2 ** math.floor(math.log2(room / per_example)) if room >= per_example else 0
+  most = (memory * (1 - headroom) - fixed) / per_example
+  if most < 1:
+    return 0
+  return int(most // 8 * 8) if most >= 8 else 2 ** math.floor(math.log2(most))
 
 
 def _version(dist: str):
