@@ -89,8 +89,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       merge_views_bn=False,
       # Layout option: both views through each network in one pass of 2x the batch, BN
       # statistics still per view (the same math); on TPU, batches of 128 per chip fill
-      # the 128-wide tiles that 64 would pad (experiments/tpu_scale.md).
-      views_in_one_pass=False,
+      # the 128-wide tiles that 64 would pad (experiments/tpu_scale.md). True, False, or
+      # "auto": chosen per platform when the step is lowered (train/train_step.py).
+      views_in_one_pass=ml_collections.FieldReference(False, field_type=object),
       # Memory option: recompute each residual block's activations in the backward pass
       # instead of holding them (same math, ~1/3 more FLOPs).
       remat=False,
