@@ -102,6 +102,11 @@ def parse(name: str) -> GpuTopology:
   return GpuTopology(name, m.group(1), nodes, per_node)
 
 
+def by_device_kind(device_kind: str):
+  """The GPUS key of a real device's `device_kind`, or None."""
+  return next((k for k, g in GPUS.items() if g.device_kind == device_kind), None)
+
+
 def chip(gpu: str) -> roofline.Chip:
   """The GPU as the roofline's Chip."""
   g = GPUS[gpu]
