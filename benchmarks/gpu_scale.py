@@ -39,17 +39,19 @@ ROWS = {
     "r50_bf16_h200": ("resnet50_imagenet", "h200", BF16 + B256),
     "r50_bf16_h100x8": ("resnet50_imagenet", "h100x8", BF16 + ("--config.batch_size=2048",)),
     "r200x2_h100": ("resnet200x2_imagenet", "h100", ("--config.batch_size=64",)),
+    "r200x2_h100_cublas": ("resnet200x2_imagenet", "h100", ("--config.batch_size=64",)),
     "r50_gn_ws_h100": ("resnet50_imagenet_gn_ws", "h100", BF16 + B256),
     "r50_gn_ws_h100_cublas": ("resnet50_imagenet_gn_ws", "h100", BF16 + B256),
     # Rows *_cublas send the GEMMs to cuBLAS (XLA_FLAGS below): XLA's Triton GEMM fusion
-    # aborts on GN+WS and on two passes (jax 0.10.2); both layouts compared that way.
+    # aborts on GN+WS, ResNet-200 and two passes (jax 0.10.2); both layouts compared that way.
     "r50_bf16_h100_two_pass_cublas": ("resnet50_imagenet", "h100", BF16 + B256 + (
         "--config.model.views_in_one_pass=False",)),
     "r50_bf16_h100_one_pass_cublas": ("resnet50_imagenet", "h100", BF16 + B256 + (
         "--config.model.views_in_one_pass=True",)),
 }
-XLA_FLAGS = {"r50_gn_ws_h100_cublas": TRITON_OFF, "r50_bf16_h100_two_pass_cublas": TRITON_OFF,
-             "r50_bf16_h100_one_pass_cublas": TRITON_OFF}
+XLA_FLAGS = {name: TRITON_OFF for name in ("r50_gn_ws_h100_cublas", "r200x2_h100_cublas",
+                                             "r50_bf16_h100_two_pass_cublas",
+                                             "r50_bf16_h100_one_pass_cublas")}
 
 
 def row_command(name: str, out: str) -> list:
@@ -64,11 +66,12 @@ def run_row(name: str, out: str) -> dict:
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
   if name in XLA_FLAGS:
     env["XLA_FLAGS"] = XLA_FLAGS[name]
-  shown = (f"XLA_FLAGS={XLA_FLAGS[name]} " if name in XLA_FLAGS else "") + shlex.join(cmd[1:])
+  shown = ((f"XLA_FLAGS={XLA_FLAGS[name]} " if name in XLA_FLAGS else "") +
+           "JAX_PLATFORMS=cpu python " + shlex.join(cmd[1:]))
   print(f"[gpu_scale] {name}: {shown}", flush=True)
   start = time.time()
   result = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-  row = {"row": name, "command": "python " + shown.replace(sys.executable + " ", ""),
+  row = {"row": name, "command": shown,
          "date": datetime.date.today().isoformat(), "host": platform.node() or "?",
          "wall_s": round(time.time() - start), "returncode": result.returncode}
   if result.returncode:
