@@ -66,6 +66,8 @@ def run(config, workdir) -> dict:
         f"{has / GIB:.1f} GiB); batch {config.batch_size} "
         f"({config.batch_size / topo.num_devices:g} per GPU), {config.compute_dtype}; "
         f"cuDNN {report['versions']['cudnn']}", flush=True)
+  if "xla_gpu_enable_triton_gemm=false" not in os.environ.get("XLA_FLAGS", ""):
+    print(TRITON_HINT, flush=True)
   print(HEADER, flush=True)
   for name, step in steps.items():
     hlo = os.path.join(workdir or ".", f"{name}.hlo.txt") if cc.save_hlo else None
@@ -95,6 +97,11 @@ def run(config, workdir) -> dict:
   return report
 
 
+# A CHECK failure ends the process before any line of ours: say what to do beforehand.
+TRITON_HINT = ("[compile] If XLA aborts below in its Triton GEMM fusion "
+               "(triton_tiling_propagation.cc; jax 0.10.2 does on GN+WS, ResNet-200 and two-pass "
+               "steps), rerun with XLA_FLAGS=--xla_gpu_enable_triton_gemm=false, and run the job "
+               "with it too (experiments/gpu_scale.md).")
 HEADER = (f"  {'step':<12}{'compile':>8}  {'memory per GPU (>=)':<24}{'TFLOP':>7}{'conv':>7}"
           f"{'GB moved':>9}{'all-reduce':>12}  {'cuDNN/cuBLAS/Triton':<20}"
           f"{'max batch':>10}   roofline ESTIMATE per step")
