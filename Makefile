@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
 DEMO := $(PY) -m byol_jax.main --config=demo --workdir=$(WORKDIR)
 
-.PHONY: demo lint test clean
+.PHONY: demo lint test test-gpu-compile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -37,5 +37,18 @@ lint: $(VENV)/installed-test
 test: lint
 	$(PY) -m pytest tests -q -ra --durations=15
 
+# --job=compile for NVIDIA GPUs, tested with JAX's CUDA plugin (~4.4 GB of NVIDIA wheels) in a
+# venv of its own, so CPU runs never load it; no GPU needed. CUDA_VENV=/path reuses one.
+# jax[cuda12] pins the plugin to the jax it installs.
+CUDA_VENV ?= .venv-cuda
+$(CUDA_VENV)/installed-cuda: requirements.txt setup.py
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/pip install -q -r requirements.txt "pytest>=8.0" "jax[cuda12]"
+	$(CUDA_VENV)/bin/pip install -q --no-deps -e .
+	touch $@
+
+test-gpu-compile: $(CUDA_VENV)/installed-cuda
+	JAX_PLATFORMS=cpu $(CUDA_VENV)/bin/python -m pytest tests/test_compile_gpu.py -q -ra --durations=5
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(CUDA_VENV) runs

@@ -15,7 +15,10 @@ the exact call, the carried wheels and data, and how to build them):
    (in-memory path, device-side augmentation), for what is left of the budget
    (at most --pretrain_s), then kNN top-1 on its test split against the same
    network at its random initialisation;
-4. if a minute is left: `bench_ops.py` on this device (ResNet-50's 1x1 convs as
+4. on a GPU of preflight/gpu.py's table, if 3 minutes are left: the pre-flight's
+   prediction for the first case (`--job=compile` for this GPU, deviceless, in a
+   subprocess) beside what step 2 measured: memory, step time, images/s;
+5. if a minute is left: `bench_ops.py` on this device (ResNet-50's 1x1 convs as
    XLA convolutions vs as matmuls, the stem max-pool two ways), which checks
    the choices `model/resnet.py` made from CPU measurements.
 
@@ -33,6 +36,7 @@ import gc
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 import traceback
@@ -340,6 +344,12 @@ def main(argv=None):
     report.stage("pretrain_resnet18_cifar10", pretrain(args, mesh, step_s, max(budget, 30.0)))
   except Exception as e:  # pylint: disable=broad-except
     report.error("pretrain_resnet18_cifar10", e)
+  first = measured.get(CASES[0][0])
+  if first and deadline - time.perf_counter() > 180.0:
+    try:
+      report.stage("preflight_vs_measured", preflight_check(first, args.out))
+    except Exception as e:  # pylint: disable=broad-except
+      report.error("preflight_vs_measured", e)
   if deadline - time.perf_counter() > 60.0:
     import bench_ops  # pylint: disable=g-import-not-at-top
     try:
@@ -351,6 +361,41 @@ def main(argv=None):
   print(f"wrote {report.path} after {report.data['total_s']:.0f} s", flush=True)
   _print_table(report.data)
   return 1 if report.data["errors"] else 0
+
+
+def preflight_check(measured: dict, out_dir: str) -> dict:
+  """The deviceless compile of the first case for this GPU (what `--job=compile` predicts
+  on a CPU host) beside what was measured here."""
+  from byol_jax.preflight import gpu  # pylint: disable=g-import-not-at-top
+  name = gpu.by_device_kind(_device().device_kind)
+  if name is None:
+    return {"skipped": f"{_device().device_kind} is not in preflight/gpu.py's table"}
+  workdir = os.path.join(out_dir, "preflight")
+  cmd = [sys.executable, "-m", "byol_jax.main", "--job=compile", f"--config={CASES[0][1]}",
+         f"--config.compile.topology={name}", "--config.compile.steps=('pretrain',)",
+         f"--config.batch_size={measured['batch_size']}", "--config.compute_dtype=bfloat16",
+         f"--config.data.image_size={measured['image_size']}", "--config.data.num_classes=10",
+         "--config.data.num_train_examples=50000", "--config.augment.crop_on=host",  # as measured
+         f"--workdir={workdir}"]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": REPO}
+  result = subprocess.run(cmd, env=env, timeout=300, capture_output=True, text=True)
+  if result.returncode:
+    raise RuntimeError(f"the pre-flight compile failed: {result.stderr[-2000:]}")
+  with open(os.path.join(workdir, "compile_report.json")) as f:
+    step = json.load(f)["steps"]["pretrain"]
+  measured_gib = sum(measured.get(f"step_xla_{k}_mib", 0)
+                     for k in ("argument", "output", "temp")) / 1024
+  predicted_s = step["roofline"]["step_s"]
+  return dict(
+      command=" ".join(cmd[1:]), gpu=name,
+      predicted_memory_gib_lower_bound=step["memory_needed_lower_bound"] / 2**30,
+      measured_xla_memory_gib=measured_gib,
+      measured_device_peak_gib=measured.get("device_peak_bytes_in_use_gib"),
+      predicted_tflop=step["flops"] / 1e12, measured_xla_tflop=measured["step_tflop_xla"],
+      predicted_roofline_step_s=predicted_s, measured_step_s=measured["step_s"],
+      measured_over_roofline_step=measured["step_s"] / predicted_s,
+      predicted_roofline_images_per_s=step["roofline"]["images_per_s_per_chip"],
+      measured_images_per_s=measured["images_per_s"])
 
 
 def run_cases(args, mesh, peak: float, report: Report) -> dict:

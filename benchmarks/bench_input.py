@@ -88,10 +88,19 @@ def measure(iterator, batches: int, warmup: int, images_per_batch: int):
   return n / cpu, n / wall
 
 
-def host_pipeline(path: str, size: int, batch: int, threads: int, batches: int):
+def host_pipeline(path: str, size: int, batch: int, threads: int, batches: int,
+                  kind: str = "pretrain"):
+  """The host pipeline of `kind`: "pretrain" (two views), "linear" (linear_eval's one
+  cropped view) or "eval" (evaluation's centre crop); (images per CPU-s, per wall-s)."""
   tf = tf_import.import_tensorflow()
   cfg = pipeline_config(path, size, batch)
-  ds = input_pipeline.pretrain_dataset(cfg, start_step=0, process_index=0, process_count=1)
+  common = dict(process_index=0, process_count=1)
+  if kind == "pretrain":
+    ds = input_pipeline.pretrain_dataset(cfg, start_step=0, **common)
+  elif kind == "linear":
+    ds = input_pipeline.linear_train_dataset(cfg, batch_size=batch, start_step=0, **common)
+  else:
+    ds = input_pipeline.eval_dataset(cfg, "train", batch_size=batch, **common).repeat()
   options = tf.data.Options()
   options.threading.private_threadpool_size = threads
   ds = ds.with_options(options)
@@ -260,7 +269,7 @@ def main():
   parser.add_argument("--num_jpegs", type=int, default=256, help="224 px: synthetic JPEGs")
   parser.add_argument("--grain", type=float, default=20.0, help="224 px: grain std (0-255)")
   parser.add_argument("--skip", default="", help="comma list of parts to skip: "
-                      "host,color,pil,micro,device")
+                      "host,linear,eval,color,pil,micro,device")
   args = parser.parse_args()
   skip = set(filter(None, args.skip.split(",")))
   if not os.path.exists(args.cifar_zip):
@@ -285,6 +294,12 @@ def main():
         per_cpu, per_wall = host_pipeline(path, size, batch, args.threads, args.batches)
         print(f"host pipeline (decode+crop+resize+flip, 2 views): {per_cpu:,.0f} two-view "
               f"images per CPU-second ({per_wall:,.0f}/s wall)")
+      for kind, what in (("linear", "linear_eval's view (decode+crop+resize+flip, 1 view)"),
+                         ("eval", "evaluation's centre crop (decode+crop+resize)")):
+        if kind not in skip:
+          per_cpu, per_wall = host_pipeline(path, size, batch, args.threads, args.batches, kind)
+          print(f"host pipeline, {what}: {per_cpu:,.0f} images per CPU-second "
+                f"({per_wall:,.0f}/s wall)")
       if "color" not in skip:
         per_cpu, per_wall = host_color_cost(size, batch, args.threads, max(5, args.batches // 4))
         print(f"colour ops in TF on the host (jitter, gray, blur, solarize; 2 views): "

@@ -5,7 +5,12 @@ r"""Writes and submits a SLURM batch job that runs byol_jax on several GPU nodes
         --config.data.data_dir=/shared/tensorflow_datasets
 
 renders launch/slurm_gpu.sbatch.template into <log_dir>/<job_name>.sbatch and
-submits it with `sbatch`. The job runs `srun python -m byol_jax.main ...`:
+submits it with `sbatch`. First, on this host, the pre-flight: `python -m
+byol_jax.main --job=compile` compiles the job's steps for --gpu_type nodes
+(`--config.compile.topology=<gpu_type>:<nodes>x<gpus_per_node>`) with JAX's CUDA
+plugin (`pip install "jax[cuda12]==<jax version>"`; no GPU needed) and prints
+memory per GPU and a roofline estimate; a config that does not fit stops the
+launch before anything is queued (--skip_compile_check skips it). The job runs `srun python -m byol_jax.main ...`:
 
 * `--mode=per_gpu` (default): one process per GPU (`--ntasks-per-node=G
   --gpus-per-task=1`); each process drives the one GPU SLURM binds it to.
@@ -27,10 +32,16 @@ import shutil
 import string
 import subprocess
 import sys
-from typing import Optional, Sequence
+import tempfile
+from typing import List, Optional, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEMPLATE = pathlib.Path(__file__).resolve().parent / "slurm_gpu.sbatch.template"
+
+# preflight/gpu.py's GPUS; the steps each job runs, which the pre-flight compiles.
+GPU_TYPES = ("a100-40gb", "a100-80gb", "h100", "h200")
+PREFLIGHT_STEPS = {"pretrain": ("pretrain", "eval"), "linear_eval": ("linear_eval",),
+                   "knn": ("eval",)}
 
 PER_GPU_NOTE = (
     "# One process per GPU: SLURM binds each task to its GPU (--gpus-per-task=1), which\n"
@@ -69,6 +80,12 @@ def parse_args(argv: Sequence[str]):
                       help="Shared directory (or gs:// path) for checkpoints and metrics.")
   parser.add_argument("--job", default="pretrain",
                       choices=("pretrain", "linear_eval", "knn", "export"))
+  parser.add_argument("--gpu_type", choices=GPU_TYPES, default=None,
+                      help="The nodes' GPUs, for the pre-flight compile (required unless "
+                      "--skip_compile_check).")
+  parser.add_argument("--skip_compile_check", action="store_true",
+                      help="Submit without first compiling the job for --gpu_type on this host "
+                      "(the pre-flight that refuses what does not fit).")
   parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true",
                       help="Print the script and the sbatch command; write and submit nothing.")
   args, rest = parser.parse_known_args(argv)
@@ -78,6 +95,9 @@ def parse_args(argv: Sequence[str]):
                  "passed through to byol_jax.main)")
   if args.nodes < 1 or args.gpus_per_node < 1 or args.cpus_per_gpu < 1:
     parser.error("--nodes, --gpus_per_node and --cpus_per_gpu must be at least 1.")
+  if args.gpu_type is None and not args.skip_compile_check:
+    parser.error(f"--gpu_type ({', '.join(GPU_TYPES)}) names the nodes' GPUs for the pre-flight "
+                 "compile; or pass --skip_compile_check to submit without it.")
   args.overrides = rest
   args.job_name = args.job_name or "byol_" + re.sub(r"\W", "_", pathlib.Path(
       args.config.partition(":")[0]).stem)
@@ -131,6 +151,32 @@ def sbatch_command(args):
   return ["sbatch", "--parsable", script_path(args)]
 
 
+def preflight_command(args) -> Optional[List[str]]:
+  """The local compile of the job's steps for the nodes' GPUs, or None when there is none."""
+  steps = PREFLIGHT_STEPS.get(args.job)
+  if args.skip_compile_check or steps is None:
+    return None
+  workdir = os.path.join(tempfile.gettempdir(), f"byol_jax_preflight_{args.job_name}")
+  return [sys.executable, "-m", "byol_jax.main", "--job=compile", f"--config={args.config}",
+          f"--config.compile.topology={args.gpu_type}:{args.nodes}x{args.gpus_per_node}",
+          f"--config.compile.steps={steps!r}", *args.overrides, f"--workdir={workdir}"]
+
+
+def preflight(args, cmd: List[str]) -> bool:
+  """Runs the pre-flight compile; False (and says why) when it fails."""
+  print(f"[slurm] pre-flight: compile for {args.nodes} x {args.gpus_per_node} {args.gpu_type} "
+        f"on this host: {shlex.join(cmd)}", flush=True)
+  pythonpath = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+  # JAX must not start CUDA here: the compile needs no GPU (a login node may have none).
+  env = {**os.environ, "PYTHONPATH": pythonpath, "JAX_PLATFORMS": "cpu"}
+  if subprocess.call(cmd, env=env):
+    print(f"error: the pre-flight compile for {args.gpu_type} failed (see the line above); "
+          "nothing was submitted. Change the config as it says, or pass --skip_compile_check "
+          "to submit anyway.", file=sys.stderr)
+    return False
+  return True
+
+
 def check_overrides(args) -> None:
   """Catches a misspelt config or field here, not after the job waited in the queue."""
   if str(REPO) not in sys.path:
@@ -144,13 +190,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   check_overrides(args)
   script = render(args)
   cmd = sbatch_command(args)
+  check = preflight_command(args)
   if args.dry_run:
+    if check:
+      print(f"# pre-flight on this host:\n{shlex.join(check)}")
     print(f"# {script_path(args)}")
     print(script, end="")
     print(f"# submit with:\n{shlex.join(cmd)}")
     return 0
   if shutil.which("sbatch") is None:
     sys.exit("error: sbatch not found: run this on a SLURM login node (or use --dry-run).")
+  if check and not preflight(args, check):
+    return 1
   os.makedirs(args.log_dir, exist_ok=True)
   with open(script_path(args), "w") as f:
     f.write(script)

@@ -15,6 +15,8 @@ import sys
 import numpy as np
 import pytest
 
+from byol_jax.preflight import gpu
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
 
@@ -347,6 +349,15 @@ def test_bench_ops_finds_every_pointwise_conv_of_resnet50():
   assert found[(56, 256, 64, 1)] == 2           # layer1_1 and layer1_2
   assert found[(56, 256, 512, 2)] == 1          # layer2_0's strided shortcut
   assert found[(7, 512, 2048, 1)] == 3          # every layer4 block's last conv
+
+
+def test_accelerator_run_checks_the_preflight_only_on_a_known_gpu(tmp_path):
+  """On a GPU of preflight/gpu.py's table it compiles the first case deviceless beside the
+  measurement (a lent GPU runs that); any other device records why it did not."""
+  run = _load("accelerator_run")
+  figures = run.preflight_check({"batch_size": 256, "image_size": 224}, str(tmp_path))
+  assert figures == {"skipped": "cpu is not in preflight/gpu.py's table"}
+  assert gpu.by_device_kind("NVIDIA H100 80GB HBM3") == "h100"
 
 
 def test_accelerator_run_plans_the_largest_batch_from_xla_memory():

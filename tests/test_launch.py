@@ -258,7 +258,7 @@ def test_tpu_rejects_bad_flags_before_running_anything(flags, message):
 def slurm_dry_run(*flags):
   result = run_launcher("slurm", "--nodes=4", "--gpus_per_node=8", "--partition=gpu",
                         "--config=resnet50_imagenet", "--workdir=/shared/runs/r50",
-                        "--log_dir=/shared/logs", f"--python={PY}", *flags,
+                        "--log_dir=/shared/logs", f"--python={PY}", "--gpu_type=h100", *flags,
                         "--config.data.data_dir=/shared/tfds", "--dry-run",
                         env={"PATH": "/nonexistent"})
   assert result.returncode == 0, result.stderr
@@ -304,12 +304,56 @@ def test_slurm_one_process_per_node_uses_all_its_gpus():
 
 def test_slurm_script_is_valid_bash(tmp_path):
   out = slurm_dry_run()
-  script = out.split("\n", 1)[1].rsplit("# submit with:", 1)[0]
+  script = out[out.index("#!/bin/bash"):].rsplit("# submit with:", 1)[0]
   assert script.startswith("#!/bin/bash\n")
   path = tmp_path / "job.sbatch"
   path.write_text(script)
   result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
   assert result.returncode == 0, result.stderr
+
+
+def test_slurm_preflight_compiles_the_job_for_the_nodes_gpus():
+  out = slurm_dry_run("--config.data.train_split=train[10000:]")
+  assert out.startswith("# pre-flight on this host:\n")
+  preflight = shlex.split(out.splitlines()[1])
+  assert preflight[:5] == [PY, "-m", "byol_jax.main", "--job=compile",
+                           "--config=resnet50_imagenet"]
+  assert preflight[5:7] == ["--config.compile.topology=h100:4x8",
+                            "--config.compile.steps=('pretrain', 'eval')"]
+  assert preflight[7:9] == ["--config.data.train_split=train[10000:]",
+                            "--config.data.data_dir=/shared/tfds"]
+  assert preflight[9].startswith("--workdir=")
+  assert "export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}" in out
+  slurm = load_launcher("slurm")
+  flags = ["--config=demo", "--workdir=/r", "--gpu_type=a100-40gb", "--nodes=2"]
+  check = slurm.preflight_command(slurm.parse_args([*flags, "--job=linear_eval"]))
+  assert check[5:7] == ["--config.compile.topology=a100-40gb:2x8",
+                        "--config.compile.steps=('linear_eval',)"]
+  assert slurm.preflight_command(slurm.parse_args([*flags, "--job=export"])) is None
+  assert slurm.preflight_command(slurm.parse_args([*flags, "--skip_compile_check"])) is None
+
+
+def test_slurm_needs_the_gpu_type_for_its_preflight():
+  result = run_launcher("slurm", "--config=resnet50_imagenet", "--workdir=/shared/r50",
+                        "--dry-run", env={"PATH": "/nonexistent"})
+  assert result.returncode == 2
+  assert "--gpu_type (a100-40gb, a100-80gb, h100, h200)" in result.stderr
+  assert "--skip_compile_check" in result.stderr
+
+
+def test_slurm_refuses_to_submit_when_the_preflight_compile_fails(tmp_path):
+  """A batch that the node's 8 GPUs cannot split fails the pre-flight (at once, or without
+  the CUDA plugin at its install line); sbatch is never called."""
+  calls = tmp_path / "sbatch_calls"
+  sbatch = tmp_path / "sbatch"
+  sbatch.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 1\n')
+  sbatch.chmod(0o755)
+  result = run_launcher("slurm", "--gpu_type=h100", "--config=demo", f"--log_dir={tmp_path}",
+                        f"--workdir={tmp_path}/run", "--config.batch_size=12",
+                        env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}"}, timeout=300)
+  assert result.returncode == 1
+  assert "nothing was submitted" in result.stderr and "--skip_compile_check" in result.stderr
+  assert not calls.exists()
 
 
 # ----------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """The jitted BYOL update step: EMA target, stop-gradients, 1- vs 8-device equivalence,
 a short training run, bf16 compute, per-view BatchNorm and batch-size checks."""
 
+import re
 import types
 
 import jax
 import numpy as np
 import pytest
 
+from byol_jax import config_lib
+from byol_jax.errors import ConfigError
 from byol_jax.model import networks, objectives, resnet
 from byol_jax.train import optim, parallel, train_step
 from tests import tiny
@@ -328,6 +331,29 @@ def test_views_in_one_pass_is_the_same_math(cifar_stem):
                                      err_msg=f"{part}{jax.tree_util.keystr(path)}")
     assert _max_abs_diff(s0.online_state, state.online_state) > 1e-2
     state = s0
+
+
+def _convolution_shapes(setup, state, batch):
+  """The result types of the lowered step's convolutions, in order (lowering for CPU keeps
+  only platform_dependent's CPU branch)."""
+  text = setup.update.lower(state, batch).as_text()
+  return re.findall(r"stablehlo.convolution.*-> (tensor<[^>]+>)", text)
+
+
+def test_views_in_one_pass_auto_is_two_passes_on_cpu(cifar_stem):
+  """"auto" lowers the two-pass step on CPU (where it is faster); True doubles every
+  convolution's batch instead. A value that is none of the three is one line."""
+  batch = tiny.random_batch(cifar_stem.config, seed=10)
+  shapes = {}
+  for value in ("auto", False, True):
+    config = tiny.tiny_config(**{"model.stem": "cifar", "model.base_channels": 8,
+                                 "model.views_in_one_pass": value})
+    shapes[value] = _convolution_shapes(_setup(config, with_state=False), cifar_stem.state0,
+                                        batch)
+  assert shapes["auto"] == shapes[False] and shapes[False] != shapes[True]
+  assert train_step.views_in_one_pass(config_lib.load("resnet50_imagenet").model) == "auto"
+  with pytest.raises(ConfigError, match="model.views_in_one_pass must be True, False or 'auto'"):
+    train_step.views_in_one_pass(tiny.tiny_config(**{"model.views_in_one_pass": "yes"}).model)
 
 
 # --- (g) batch-size check ----------------------------------------------------

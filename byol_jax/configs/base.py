@@ -89,8 +89,9 @@ def get_base_config() -> ml_collections.ConfigDict:
       merge_views_bn=False,
       # Layout option: both views through each network in one pass of 2x the batch, BN
       # statistics still per view (the same math); on TPU, batches of 128 per chip fill
-      # the 128-wide tiles that 64 would pad (experiments/tpu_scale.md).
-      views_in_one_pass=False,
+      # the 128-wide tiles that 64 would pad (experiments/tpu_scale.md). True, False, or
+      # "auto": chosen per platform when the step is lowered (train/train_step.py).
+      views_in_one_pass=ml_collections.FieldReference(False, field_type=object),
       # Memory option: recompute each residual block's activations in the backward pass
       # instead of holding them (same math, ~1/3 more FLOPs).
       remat=False,
@@ -162,9 +163,10 @@ def get_base_config() -> ml_collections.ConfigDict:
       encoder_lr_multiplier=1.0,
   ))
   c.export = ml_collections.ConfigDict(dict(include_projector=False))
-  # --job=compile: this config's steps compiled for a Cloud TPU slice, on any host.
+  # --job=compile: this config's steps compiled for a Cloud TPU slice or GPU nodes, on any host.
   c.compile = ml_collections.ConfigDict(dict(
-      # "v4-128", "v5p-128", "v5litepod-256", "v6e-64", "v3-8" or "v4:4x4x4" (GEN:SHAPE)
+      # "v4-128", "v5p-128", "v5litepod-256", "v6e-64", "v3-8" or "v4:4x4x4" (GEN:SHAPE); or
+      # NVIDIA GPUs: "h100", "h100x8" (a node of 8), "h100:2x8"; a100-40gb, a100-80gb, h200
       topology=ml_collections.FieldReference(None, field_type=str),
       num_slices=1,                   # > 1: that many slices joined over the data-centre network
       steps=("pretrain", "eval", "linear_eval"),

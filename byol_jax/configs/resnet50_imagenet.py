@@ -26,9 +26,10 @@ def imagenet_config(epochs: int):
   c = base.get_base_config()
   c.epochs = float(epochs)
   c.optimizer.base_lr, c.optimizer.weight_decay, c.base_tau = PRESETS[epochs]
-  # The same math as two passes (BN per view); on TPU a quarter fewer HBM bytes per step
-  # (experiments/tpu_scale.md).
-  c.model.views_in_one_pass = True
+  # The same math as two passes (BN per view), per platform: on TPU a quarter fewer HBM
+  # bytes per step (experiments/tpu_scale.md); on CPU 1.36x slower; on NVIDIA GPUs see
+  # experiments/gpu_scale.md.
+  c.model.views_in_one_pass = "auto"
   # Periodic kNN on a fixed tenth of the training images (128,117): about 1% of training time
   # on the pods of experiments/eval_scale.md (an estimate); --job=knn reads all of them.
   c.eval.knn_train_split = "train[:10%]"

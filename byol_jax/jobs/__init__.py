@@ -17,7 +17,7 @@ JOBS = {
     "export": "the encoder as .npz and as a torchvision state dict",
     "embed": "the encoder's embeddings of one split of any source -> embeddings.npz",
     "import_reference": "DeepMind's released BYOL checkpoint (.pkl) -> a byol_jax checkpoint",
-    "compile": "pre-flight for a TPU pod from any host: compile the steps for "
+    "compile": "pre-flight for a TPU pod or GPU nodes from any host: compile the steps for "
                "--config.compile.topology, report memory and a roofline estimate",
 }
 RESUMING = ("pretrain", "linear_eval")

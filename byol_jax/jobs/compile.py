@@ -26,7 +26,7 @@ from byol_jax.data import datasets
 from byol_jax.evaluate import evaluation
 from byol_jax.errors import ConfigError
 from byol_jax.preflight import compile as compile_lib
-from byol_jax.preflight import roofline, topology
+from byol_jax.preflight import gpu, roofline, topology
 from byol_jax.train import parallel
 
 REPORT = "compile_report.json"
@@ -46,7 +46,10 @@ def run(config, workdir) -> dict:
   cc = config.compile
   if not cc.topology:
     raise ConfigError(f"Missing --config.compile.topology: the TPU slice to compile for, one of "
-                      f"the {topology.FORMS}.")
+                      f"the {topology.FORMS}; or NVIDIA GPUs, one of the {gpu.FORMS}.")
+  if gpu.is_gpu(cc.topology):
+    from byol_jax.jobs import compile_gpu  # pylint: disable=g-import-not-at-top
+    return compile_gpu.run(config, workdir)
   topo = topology.parse(cc.topology, cc.num_slices)
   unknown = sorted(set(cc.steps) - set(compile_lib.STEPS))
   if unknown or not cc.steps:

@@ -143,6 +143,9 @@ def compile_step(name: str, step: Step, hlo_path: Optional[str] = None) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   hlo = compiled.as_text()
+  if cost is None:  # the deviceless CUDA compiler has none: count it from the optimised HLO
+    from byol_jax.preflight import gpu_cost  # pylint: disable=g-import-not-at-top
+    cost = gpu_cost.step_cost(compiled, hlo)
   if hlo_path:
     fileio.write_text(hlo_path, hlo)
   sizes = {"arguments": memory.argument_size_in_bytes, "outputs": memory.output_size_in_bytes,
@@ -152,7 +155,8 @@ def compile_step(name: str, step: Step, hlo_path: Optional[str] = None) -> dict:
                     + sizes["temporaries"] + sizes["code"])
   return {"compile_s": seconds, "memory": sizes, "flops": float(cost["flops"]),
           "bytes_accessed": float(cost["bytes accessed"]),
-          "collectives": collective_bytes(hlo)}
+          "collectives": collective_bytes(hlo),
+          **{k: cost[k] for k in ("convolution_flops", "library_calls") if k in cost}}
 
 
 def collective_bytes(hlo_text: str) -> Dict[str, dict]:

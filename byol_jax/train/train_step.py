@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from byol_jax.errors import ConfigError
 from byol_jax.model import networks as networks_lib
 from byol_jax.model import objectives
 from byol_jax.train import optim, parallel
@@ -52,6 +53,17 @@ def create_state(config, nets: networks_lib.Networks, optimizer, mesh) -> TrainS
 AugmentFn = Callable[[jax.Array, jax.Array, int], jax.Array]
 
 
+def views_in_one_pass(model_config):
+  """model.views_in_one_pass as True, False or "auto" (a flag may give it as text)."""
+  value = model_config.views_in_one_pass
+  text = str(value).strip().lower()
+  if text in ("true", "false"):
+    return text == "true"
+  if text != "auto":
+    raise ConfigError(f"model.views_in_one_pass must be True, False or 'auto', got {value!r}.")
+  return "auto"
+
+
 def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment: AugmentFn):
   """Returns jitted `update(state, batch) -> (state, metrics)`.
 
@@ -67,7 +79,7 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
   lr_fn, tau_fn = optim.schedules(config)
   compute_dtype = jnp.dtype(config.compute_dtype)
   merge_views = config.model.merge_views_bn
-  one_pass = merge_views or config.model.views_in_one_pass
+  one_pass = True if merge_views else views_in_one_pass(config.model)
   projection_dim = config.model.projection_dim
 
   def cast(tree):
@@ -75,7 +87,17 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
 
   def forward(transformed, params, state, view1, view2):
     """Applies a network to both views; BN statistics per view unless merged."""
-    if one_pass:
+    if one_pass == "auto":
+      # Chosen when the step is lowered: two passes on CPU (1.36x faster there, issue #30);
+      # one on TPU (fewer HBM bytes, experiments/tpu_scale.md) and on NVIDIA GPUs (two crash
+      # XLA:GPU's Triton GEMM fusion in jax 0.10.2, experiments/gpu_scale.md).
+      one, two = (functools.partial(forward_views, transformed, together)
+                  for together in (True, False))
+      return jax.lax.platform_dependent(params, state, view1, view2, cpu=two, default=one)
+    return forward_views(transformed, one_pass, params, state, view1, view2)
+
+  def forward_views(transformed, together, params, state, view1, view2):
+    if together:
       # Rows interleave the views (example-major), so each device keeps its own examples.
       both = jnp.stack([view1, view2], axis=1).reshape(-1, *view1.shape[1:])
       out, state = transformed.apply(cast(params), state, cast(both), True,
