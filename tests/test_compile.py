@@ -162,7 +162,14 @@ def test_tiny_net_compiles_for_a_v5e_slice(tmp_path):
   report = json.loads((tmp_path / "compile_report.json").read_text())
   assert report["topology"]["topology_name"] == "v5e:2x2"
   assert report["topology"]["devices"] == 4
-  assert set(report["steps"]) == {"pretrain", "eval", "linear_eval"}
+  assert set(report["steps"]) == {"pretrain", "eval", "knn", "probe", "linear_eval"}
+  # The kNN's scoring program holds a chunk of queries against the whole training split's
+  # bank (demo: 3,600 rows in batches of 16 over 4 devices), and fits beside the train state.
+  knn = report["steps"]["knn"]
+  assert knn["examples"] == 1024 and 0 < knn["hbm_needed"] < report["chip"]["hbm_bytes_per_device"]
+  assert knn["hbm_needed"] > report["steps"]["pretrain"]["memory"]["arguments"] / 2
+  assert report["steps"]["probe"]["flops"] > 0
+  assert "periodic evaluation (ESTIMATE" in result.stdout
   step = report["steps"]["pretrain"]
   assert step["examples_per_device"] == 4
   assert step["flops"] > 0 and step["bytes_accessed"] > 0
@@ -189,6 +196,24 @@ def test_a_batch_too_big_for_the_chip_gets_the_memory_error(tmp_path):
   bigger = topology.parse(re.search(r"--config.compile.topology=(\S+?)\.?$", last).group(1))
   assert bigger.generation == "v5e" and bigger.chips >= needed / (0.8 * available)
   assert json.loads((tmp_path / "compile_report.json").read_text())["error"].startswith("eval:")
+
+
+def test_periodic_evaluation_cost_by_hand():
+  """ImageNet's recipe: 128,117 + 50,000 forwards in batches of 1024, 49 chunks of 1024
+  queries against a tenth of the bank, every 5,000 steps."""
+  config = config_lib.load("resnet50_imagenet")
+  config.data.num_train_examples, config.data.num_classes = 1_281_167, 1000
+  rows = {"pretrain": {"roofline": {"step_s": 0.064}}, "eval": {"roofline": {"step_s": 0.0064}},
+          "knn": {"roofline": {"step_s": 0.01}, "examples": 1024}}
+  cost = compile_job.periodic_eval_cost(config, rows)
+  assert (cost["bank_examples"], cost["test_examples"]) == (128_117, 50_000)
+  assert cost["forward_s"] == pytest.approx((126 + 49) * 0.0064 / roofline.CALIBRATION)
+  assert cost["knn_s"] == pytest.approx(49 * 0.01 * 128_117 / 1_281_167)
+  assert cost["train_s_between"] == pytest.approx(5000 * 0.064 / roofline.CALIBRATION)
+  assert cost["fraction"] == pytest.approx((cost["forward_s"] + cost["knn_s"]) /
+                                           cost["train_s_between"])
+  config.eval.every_steps = -1
+  assert compile_job.periodic_eval_cost(config, rows) is None
 
 
 def _row(bound, hbm_fraction):
