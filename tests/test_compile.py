@@ -157,7 +157,8 @@ def run_compile(tmp_path, *args, timeout=600):
 
 
 def test_tiny_net_compiles_for_a_v5e_slice(tmp_path):
-  result = run_compile(tmp_path, "--config.compile.topology=v5litepod-4")
+  result = run_compile(tmp_path, "--config.compile.topology=v5litepod-4",
+                       "--config.eval.every_steps=100")
   assert result.returncode == 0, result.stderr[-3000:]
   report = json.loads((tmp_path / "compile_report.json").read_text())
   assert report["topology"]["topology_name"] == "v5e:2x2"
