@@ -164,6 +164,8 @@ def knn_accuracy(train: Dict, test: Dict, mesh, *, num_classes: int, k: int = 20
   queries, labels = test["embedding"], _where_valid(test["label"], test["mask"])
   valid = max(int(jnp.sum(labels >= 0)), 1)
   n = queries.shape[0]
+  if not n:
+    return {"top1": 0.0, "top5": 0.0}
   chunk = min(chunk or query_chunk(total // mesh.devices.size), n)
   hits = {"top1": 0, "top5": 0}
   for first in range(0, n, chunk):
