@@ -185,3 +185,25 @@ def test_collapse_watch_says_once_where_the_spread_fell_and_what_to_do(caplog):
       "step 500: the projections are losing dimensions (a partial collapse). REMEDY."]
   assert lines[0] in caplog.text
   assert _watch(rows, fall=0.7) == []  # 0.54 is above 0.7 x 0.71
+
+
+def test_splits_smaller_than_the_devices_give_one_device_s_numbers(tiny_run):
+  """5 test and 13 train images over 8 devices, in batches of 16 (mostly padding rows):
+  the same metrics as on one device."""
+  from byol_jax.train import checkpoint, train_step  # pylint: disable=g-import-not-at-top
+  workdir, config = tiny_run
+  config = config.copy_and_resolve_references()
+  config.eval.batch_size, config.data.test_split = 16, "test[:5]"
+  results = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = parallel.make_mesh(devices)
+    loaded, nets, params, state = checkpoint.load_pretrained(config, workdir, mesh)
+    results.append(evaluation.evaluate_on_splits(
+        loaded, train_step.make_embed_fn(nets, mesh), params, state, mesh,
+        train_split="train[:13]"))
+  one, eight = results
+  assert one["eval/test_examples"] == eight["eval/test_examples"] == 5
+  assert one["eval/knn_train_examples"] == eight["eval/knn_train_examples"] == 13
+  for key in ("eval/knn_top1", "eval/knn_top5", "eval/probe_top1", "eval/probe_top5"):
+    assert one[key] == eight[key], key
+  assert one["eval/projection_std"] == pytest.approx(eight["eval/projection_std"], rel=1e-5)
