@@ -54,11 +54,17 @@ def one(impl: str, rows: int, queries: int, dim: int, bank_dtype: str) -> dict:
   from byol_jax.evaluate import knn  # pylint: disable=g-import-not-at-top
   from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  centres = rng.normal(size=(1000, dim)).astype(np.float32)
+  centres = rng.standard_normal((1000, dim), dtype=np.float32)
   train_labels = rng.integers(0, 1000, rows).astype(np.int32)
   test_labels = rng.integers(0, 1000, queries).astype(np.int32)
-  train = centres[train_labels] + rng.normal(size=(rows, dim)).astype(np.float32)
-  test = centres[test_labels] + rng.normal(size=(queries, dim)).astype(np.float32)
+
+  def around_centres(labels):  # float32 throughout, in blocks: no float64 or gathered copy
+    x = rng.standard_normal((len(labels), dim), dtype=np.float32)
+    for start in range(0, len(labels), 50_000):
+      x[start:start + 50_000] += centres[labels[start:start + 50_000]]
+    return x
+
+  train, test = around_centres(train_labels), around_centres(test_labels)
   mesh = parallel.make_mesh()
   if impl == "sharded":
     train_f = knn.from_arrays(train, train_labels, mesh)

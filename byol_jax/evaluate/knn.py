@@ -196,8 +196,9 @@ def from_arrays(embedding, labels, mesh) -> features_lib.Features:
   n = len(labels)
   pad = -n % mesh.devices.size
   sharding = parallel.batch_sharded(mesh)
-  arrays = {"embedding": np.concatenate([embedding, np.zeros((pad, *embedding.shape[1:]),
-                                                             np.float32)]),
+  if pad:
+    embedding = np.concatenate([embedding, np.zeros((pad, *embedding.shape[1:]), np.float32)])
+  arrays = {"embedding": embedding,
             "label": np.concatenate([labels, -np.ones(pad, np.int32)]),
             "mask": np.arange(n + pad) < n,
             "position": np.arange(n + pad, dtype=np.int32)}
