@@ -46,6 +46,7 @@ FIELDS: Dict[str, Tuple[str, str, str]] = {
     "compute_dtype": (T, T, "the precision of every step (linear_eval computes in it too)"),
     "log_every_steps": (A, A, _LOG),
     "import_path": (N, N, "read by --job=import_reference only"),
+    "profile_steps": (A, N, "which steps a profiler traces, not what is trained"),
     **{f"model.{k}": (T, N, f"{_ARCH}; {_FROM_CHECKPOINT}") for k in (
         "depth", "width", "stem", "norm", "base_channels", "padding", "projector_hidden",
         "predictor_hidden", "projection_dim", "head_bias", "head_norm", "use_predictor")},

@@ -155,6 +155,7 @@ def finalize(config: ml_collections.ConfigDict, num_train_examples: int,
   if config.warmup_steps > config.steps:
     raise ConfigError(f"warmup_steps ({config.warmup_steps}) exceeds steps ({config.steps}); "
                       "lower --config.warmup_epochs or raise --config.epochs.")
+  _check_profile_steps(config)
   _check_choice(config, "tau_schedule", ("cosine", "constant"))
   _check_choice(config, "compute_dtype", ("float32", "bfloat16"))
   config.lock()
@@ -172,6 +173,15 @@ def _check_positive(config, *fields: str) -> None:
     if _get(config, field) <= 0:
       raise ConfigError(f"{field} must be positive, got {_get(config, field)}; set "
                         f"--config.{field} to a value >= 1.")
+
+
+def _check_profile_steps(config) -> None:
+  steps = tuple(config.profile_steps)
+  if steps and not (len(steps) == 2 and all(isinstance(s, int) for s in steps)
+                    and 1 <= steps[0] <= steps[1] <= config.steps):
+    raise ConfigError(f"profile_steps must be two steps A,B with 1 <= A <= B <= steps "
+                      f"({config.steps}), got {config.profile_steps!r}; e.g. "
+                      "--config.profile_steps=10,12.")
 
 
 def _check_choice(config, field: str, choices: Sequence[str]) -> None:

@@ -171,26 +171,32 @@ def _tiny_train_state():
   return config, mesh, train_step.create_state(config, nets, optim.make_optimizer(config), mesh)
 
 
-def test_checkpoint_of_the_old_layout_still_restores(tmp_path):
-  """Before the online/train split a checkpoint held the whole TrainState as one item
-  `state`: pretraining resumes from it and evaluation reads its online network."""
+@pytest.mark.parametrize("layout", ["one_state_item", "architecture_without_padding"])
+def test_a_pre_release_checkpoint_is_refused_in_one_line_naming_its_version(tmp_path, layout):
+  """Pre-release byol_jax (before 0.1.0) saved the whole TrainState as one item `state`, and
+  an architecture without padding / head_norm / head_bias: resuming and evaluation both
+  refuse such a checkpoint, saying which version wrote it, and leave it where it is."""
   config, mesh, state = _tiny_train_state()
   workdir = str(tmp_path)
-  meta = {"architecture": checkpoint.architecture(config), "config": config.to_dict()}
+  arch = checkpoint.architecture(config)
+  if layout == "architecture_without_padding":
+    arch = {k: v for k, v in arch.items() if k not in ("padding", "head_norm", "head_bias")}
+    items = checkpoint.state_items(state)
+  else:
+    items = {"state": state}
+  meta = {"architecture": arch, "config": config.to_dict()}
   with checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir)) as ckpt:
-    ckpt.manager.save(7, args=checkpoint.ocp.args.Composite(
-        state=checkpoint.ocp.args.StandardSave(state),
-        meta=checkpoint.ocp.args.JsonSave(meta)))
+    ckpt.save(7, items, meta)
 
+  expected = r"\(step 7\) was written by pre-release byol_jax \(before 0\.1\.0: "
   with checkpoint.Checkpointer(checkpoint.checkpoint_dir(workdir)) as ckpt:
-    step, items = ckpt.restore(checkpoint.abstract(checkpoint.state_items(state)),
-                               checkpoint.architecture(config))
-  assert step == 7
-  jax.tree.map(np.testing.assert_array_equal, checkpoint.state_from_items(items), state)
-
-  _, _, params, net_state = checkpoint.load_pretrained(config, workdir, mesh)
-  jax.tree.map(np.testing.assert_array_equal, (params, net_state),
-               (state.online_params, state.online_state))
+    with pytest.raises(ConfigError, match=expected) as e:
+      ckpt.restore(checkpoint.abstract(checkpoint.state_items(state)),
+                   checkpoint.architecture(config))
+  assert "\n" not in str(e.value) and "fresh --workdir" in str(e.value)
+  with pytest.raises(ConfigError, match=expected):
+    checkpoint.load_pretrained(config, workdir, mesh)
+  assert os.listdir(checkpoint.checkpoint_dir(workdir)) == ["7"]  # refused, not moved aside
 
 
 def test_evaluation_reads_only_the_online_item(tmp_path):

@@ -147,8 +147,30 @@ TINY = ["--config=demo", "--config.batch_size=16", "--config.model.base_channels
         "--config.eval.batch_size=16", "--config.linear_eval.batch_size=16"]
 
 
+def require_libtpu():
+  """Skips without the TPU compiler, except in CI (CI=true), where it is installed
+  (requirements-dev.txt) and its absence is a broken install, not a reason to skip."""
+  if importlib.util.find_spec("libtpu") is not None:
+    return
+  message = "needs the TPU compiler (libtpu): pip install -e '.[tpu]'"
+  if os.environ.get("CI", "").lower() in ("true", "1"):
+    pytest.fail(f"CI=true but libtpu is missing; {message}")
+  pytest.skip(message)
+
+
+@pytest.mark.parametrize("ci, outcome", [("true", pytest.fail.Exception),
+                                         ("", pytest.skip.Exception)])
+def test_a_missing_libtpu_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outcome):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "libtpu" else real(name, *a))
+  monkeypatch.setenv("CI", ci)
+  with pytest.raises(outcome, match="libtpu"):
+    require_libtpu()
+
+
 def run_compile(tmp_path, *args, timeout=600):
-  pytest.importorskip("libtpu", reason="needs the TPU compiler: pip install -e '.[tpu]'")
+  require_libtpu()
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
   env["PYTHONPATH"] = REPO
   return subprocess.run([sys.executable, "-m", "byol_jax.main", "--job=compile", *TINY,

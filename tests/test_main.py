@@ -6,6 +6,7 @@ Compiled programs go through a persistent XLA cache shared with the
 subprocess runs, which then skip most of their compile time.
 """
 
+import glob
 import json
 import os
 import shutil
@@ -13,7 +14,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import jax
 import numpy as np
@@ -297,47 +297,66 @@ def test_knn_without_pretraining_says_what_to_do(tmp_path):
 
 # main as a terminal's foreground job runs it: Ctrl-C raises KeyboardInterrupt (a shell's
 # background jobs, such as a test runner may be, ignore SIGINT, and so would their children).
-FOREGROUND = ("import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-              "from byol_jax import main; main.main()")
+# `python -c INTERRUPTER STEP <main's arguments>`: main with Ctrl-C's SIGINT (default handler,
+# as in a terminal's foreground job) sent to itself once the metrics row of step STEP is
+# written: the interruption lands at a known step whatever the machine's speed.
+INTERRUPTER = r"""
+import os, signal, sys
+from byol_jax import main, reporting
+signal.signal(signal.SIGINT, signal.default_int_handler)
+step = int(sys.argv.pop(1))
+write = reporting.Reporter.write
+def patched(self, s, metrics, **kw):
+  write(self, s, metrics, **kw)
+  if s == step: os.kill(os.getpid(), signal.SIGINT)
+reporting.Reporter.write = patched
+main.main()
+"""
 
 
-def ctrl_c_after_rows(workdir, rows, *args, **extra):
-  """Runs main, presses Ctrl-C once the metrics file has `rows` rows; (exit code, stderr)."""
-  command = cli(workdir, *args, **extra)
-  proc = subprocess.Popen([command[0], "-c", FOREGROUND, *command[3:]], env=ENV, cwd=REPO,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  metrics = os.path.join(workdir, "pretrain_metrics.jsonl")
-  deadline = time.time() + 600
-  while proc.poll() is None and time.time() < deadline and not (
-      os.path.exists(metrics) and len(open(metrics).read().splitlines()) >= rows):
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGINT)
-  _, stderr = proc.communicate(timeout=300)
-  return proc.returncode, stderr
-
-
-def test_ctrl_c_saves_a_checkpoint_and_exits_for_requeue(tmp_path):
-  """A first Ctrl-C (as SIGTERM) saves the current step (off the checkpoint schedule) and
-  its metrics row, and exits 143; the rerun resumes from exactly that step, here with
-  another seed, which --allow_changed_resume allows."""
+def test_ctrl_c_then_resume_equals_an_uninterrupted_run_bit_for_bit(pretrained, tmp_path,
+                                                                    caplog):
+  """A first Ctrl-C (as SIGTERM) saves the step it stops at (off the checkpoint schedule)
+  and its metrics row, and exits 143; rerunning the same command resumes from exactly that
+  step and ends with the uninterrupted run's parameters, optimizer state, losses and
+  evaluation, bit for bit."""
   workdir = str(tmp_path / "preempted")
-  extra = {"steps": 400, "checkpoint.every_steps": 1000, "log_every_steps": 1,
-           "eval.every_steps": -1}
-  code, stderr = ctrl_c_after_rows(workdir, 2, **extra)
-  assert code == main.PREEMPTED_EXIT_CODE, stderr[-3000:]
-  assert "Preempted at step" in stderr and "Traceback" not in stderr
-  step = int(stderr.split("Preempted at step ")[1].split(";")[0])
-  assert 2 <= step < 400
-  assert committed_steps(workdir) == [step]
-  assert metric_steps(workdir) == list(range(1, step + 1))
+  extra = {"eval.every_steps": 0}  # the settings of `pretrained`
+  args = cli(workdir, **extra)
+  proc = subprocess.run([args[0], "-c", INTERRUPTER, "2", *args[3:]], env=ENV, cwd=REPO,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == main.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
+  assert "Preempted at step 3;" in proc.stderr and "Traceback" not in proc.stderr
+  assert sorted(committed_steps(workdir)) == [2, 3]
+  assert metric_steps(workdir) == [2, 3]
 
-  code, stderr = ctrl_c_after_rows(workdir, step + 2, "--allow_changed_resume", seed=1, **extra)
-  assert code == main.PREEMPTED_EXIT_CODE, stderr[-3000:]
-  assert f"Resumed from the checkpoint at step {step}." in stderr
-  assert "seed=0 there vs 1 here" in stderr
-  second = int(stderr.split("Preempted at step ")[1].split(";")[0])
-  assert sorted(committed_steps(workdir)) == [step, second]
-  assert metric_steps(workdir) == list(range(1, second + 1))
+  # The rerun also traces steps 5-6 (#31 item 8), which must not change its numbers.
+  result = run_cli(workdir, **extra, profile_steps="5,6")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "Resumed from the checkpoint at step 3." in result.stderr
+  assert metric_steps(workdir) == [2, 3, 4, 6, 8]
+  assert_same_params(pretrained[0], workdir)
+  untimed = lambda w: [{k: v for k, v in r.items() if "per_s" not in k} for r in
+                       reporting.read_jsonl(os.path.join(w, "pretrain_metrics.jsonl"))
+                       if r["step"] >= 6]
+  assert untimed(workdir) == untimed(pretrained[0])  # steps 6 and 8: losses, evaluation
+  traces = glob.glob(os.path.join(workdir, "tensorboard", "plugins", "profile", "*",
+                                  "*.xplane.pb"))
+  assert len(traces) == 1 and os.path.getsize(traces[0]) > 0  # what TensorBoard's profile reads
+
+  # The first lines give the model's size: parameters as counted here, FLOPs per image.
+  _, _, (online, _) = final_params(workdir)
+  count = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+  encoder = {m: v for m, v in online["params"].items() if m.startswith("encoder")}
+  assert (f"[pretrain] model: encoder {count(encoder):,} parameters (online network "
+          f"{count(online['params']):,}), ") in result.stdout
+  assert "MFLOPs per 16x16 image" in result.stdout
+
+  # Another seed: refused on resume (test_resume_with_other_settings_is_refused...) unless
+  # allowed, then said in the log.
+  with caplog.at_level("WARNING"):
+    jobs.run("pretrain", tiny_config(seed=1, **extra), workdir, allow_changed_resume=True)
+  assert any("seed=0 there vs 1 here" in r.getMessage() for r in caplog.records)
 
 
 # `python -c GS_KILLER STEP <main's arguments>`: main on a gs:// workdir, SIGKILLed right

@@ -39,12 +39,9 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCHER = REPO / "launch" / "local.py"
 
-# The ordinary init, not the demo's zero-initialised residual branches: with those, one BN
-# offset's LARS momentum came out 2e-4 (0.25%) apart between 1x8 and 2x4 after 3 steps (float
-# order), past the test's tolerance.
+# The demo's model as shipped (zero-initialised residual branches included), narrower.
 MODEL = ["--config.model.base_channels=8", "--config.model.projector_hidden=32",
-         "--config.model.predictor_hidden=32", "--config.model.projection_dim=16",
-         "--config.model.zero_init_residual=False"]
+         "--config.model.predictor_hidden=32", "--config.model.projection_dim=16"]
 STEPS = 3  # float differences between device counts stay tiny this early
 TINY = ["--config=demo", f"--config.steps={STEPS}", "--config.batch_size=16",
         "--config.data.image_size=16", "--config.data.verify_images=none",
@@ -185,18 +182,39 @@ def test_process_counts_give_the_same_losses(equal_runs):
 
 
 def test_process_counts_give_the_same_final_state(equal_runs):
+  """Parameters and BN statistics agree elementwise; the LARS momentum (raw gradient sums)
+  agrees per tensor in norm.
+
+  Why not the momentum elementwise: with the demo's zero-initialised residual branches, one
+  BN offset's momentum came out 2.0e-4 apart (0.25%, channel 0 of layer1_0/bn2 and, by the
+  same 2.03e-4, of layer1_1/bn2) in 2x4 against 1x8 and 1x1, which agree with each other to
+  2e-8; every parameter agreed to 1e-5. A float sum grouped otherwise is off by ~1e-7 here,
+  not 2e-4: this is one position's gradient counted in one layout and not in another, as
+  happens where a ReLU's input is ~0 (a block whose branch starts at 0 adds a BN offset of
+  ~1e-5 to a shortcut that is exactly 0 wherever the stem's ReLU is off), so its on/off
+  decision follows the last bits. It is at most one position's share of a sum over 4,096:
+  a quarter per cent of the tensor's norm (6e-4), hence 1% per tensor. A bias just before
+  a BatchNorm has a gradient of exactly 0 in exact arithmetic: its float residue (~1e-7)
+  differs wholly between layouts, hence the absolute 1e-5.
+  (experiments/README.md, "Process layouts and the demo's zero init".)
+  """
   reference = final_state(equal_runs["2x4"], STEPS)
   assert any(k.startswith("online") for k in reference)
   for name in ("1x8", "1x1"):
     other = final_state(equal_runs[name], STEPS)
     assert other.keys() == reference.keys()
     for key, value in reference.items():
-      if np.issubdtype(value.dtype, np.floating):
-        # Sums run in another order over 1, 4 + 4 or 8 devices: ~1e-5 apart after 3 steps.
-        np.testing.assert_allclose(other[key], value, rtol=1e-3, atol=1e-4,
-                                   err_msg=f"{key}: {name} vs 2x4")
+      where = f"{key}: {name} vs 2x4"
+      if not np.issubdtype(value.dtype, np.floating):
+        np.testing.assert_array_equal(other[key], value, err_msg=where)
+      elif "opt_state" in key:
+        gap = np.linalg.norm(other[key].astype(np.float64) - value)
+        assert gap <= 1e-2 * np.linalg.norm(value.astype(np.float64)) + 1e-5, where
       else:
-        np.testing.assert_array_equal(other[key], value, err_msg=f"{key}: {name} vs 2x4")
+        # Sums run in another order over 1, 4 + 4 or 8 devices: at most 1e-5 apart after 3
+        # steps (2026-12-07), 10x inside.
+        np.testing.assert_allclose(other[key], value, rtol=1e-3, atol=1e-4, err_msg=where)
+
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,20 @@ def test_parameter_counts_match_torchvision():
   assert _count(params_gn) == 23_508_032 and not state_gn
 
 
+def test_size_gives_the_parameter_count_and_resnet18_s_flops_at_224():
+  """`networks.size` (the run's first log lines): ResNet-18's 11,176,512 encoder parameters,
+  and XLA's count of its forward at 224 px just under torchvision's 1.82 G multiply-adds x 2:
+  XLA skips the kernel taps that fall in the zero padding, which torchvision counts."""
+  nets = networks.make_networks(tiny.tiny_config(**{
+      "model.depth": 18, "model.base_channels": 64, "model.stem": "imagenet"}).model, 10)
+  params, state = jax.eval_shape(lambda: nets.online.init(KEY, jnp.zeros((2, 224, 224, 3)),
+                                                          True))
+  size = networks.size(nets, params, state, 224)
+  assert size["encoder_params"] == 11_176_512 and size["online_params"] == _count(params)
+  assert 0.9 * 2 * 1.82e9 < size["encoder_flops_per_image"] < 2 * 1.82e9
+  assert networks.size_line(size, 224).startswith("encoder 11,176,512 parameters (online ")
+
+
 def _layer1_input_shape(stem, size):
   shapes = {}
 

@@ -219,6 +219,8 @@ def test_a_workdir_that_is_a_file_or_unwritable_is_refused_before_anything(tmp_p
     ({"steps": 0}, "steps is 0, so there is nothing to train; set --config.steps"),
     ({"checkpoint.every_steps": -1}, "checkpoint.every_steps must be >= 0"),
     ({"steps": -1, "epochs": 0.0}, "epochs must be positive, got 0.0; set --config.epochs"),
+    ({"profile_steps": (5, 2)}, "profile_steps must be two steps A,B with 1 <= A <= B <= steps"),
+    ({"profile_steps": (7, 9)}, "<= steps (8), got (7, 9); e.g. --config.profile_steps=10,12"),
 ])
 def test_finalize_refuses_settings_that_train_nothing_or_lose_the_result(override, message):
   with pytest.raises(ConfigError) as e:

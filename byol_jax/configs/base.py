@@ -149,6 +149,9 @@ def get_base_config() -> ml_collections.ConfigDict:
   ))
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, keep=3))
   c.log_every_steps = 50
+  # (A, B): a jax.profiler trace of pretraining steps A..B (1-based) under workdir/tensorboard,
+  # for TensorBoard's profile tab; () traces nothing.
+  c.profile_steps = ()
 
   # Linear evaluation / fine-tuning of a pretrained encoder (job "linear_eval").
   c.linear_eval = ml_collections.ConfigDict(dict(

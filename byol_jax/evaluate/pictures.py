@@ -106,8 +106,8 @@ def _tile(ax, image, colour, width):
 def tsne_2d(features: np.ndarray, seed: int) -> np.ndarray:
   """A 2-D t-SNE map (scikit-learn; PCA initialisation, so runs repeat exactly).
 
-  On one thread: on a shared 2-core VM its OpenMP threads spun for 8x the CPU
-  time (900 points: 32 CPU-s against 4).
+  On one thread: on a shared 2-core VM its OpenMP threads spun for several
+  times the CPU time (experiments/speed.md, "t-SNE on one thread").
   """
   from sklearn.manifold import TSNE  # pylint: disable=g-import-not-at-top
   from threadpoolctl import threadpool_limits  # pylint: disable=g-import-not-at-top

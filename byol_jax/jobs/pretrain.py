@@ -54,6 +54,8 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
     fileio.write_text(config_path, config.to_json_best_effort(indent=2))
     print(f"[pretrain] config: {config_path}; {config.steps} steps of {config.batch_size}",
           flush=True)
+    size = networks.size(nets, state.online_params, state.online_state, config.data.image_size)
+    print(f"[pretrain] model: {networks.size_line(size, config.data.image_size)}", flush=True)
 
   # --- Step, data, evaluation ---
   update = train_step.make_update_fn(config, nets, optimizer, mesh,
@@ -80,6 +82,7 @@ def run(config, workdir: str, mesh, allow_changed_resume: bool = False) -> dict:
                          config.eval.every_steps),
         reporter=reporter, ckpt=ckpt, to_items=checkpoint.state_items,
         meta={"architecture": arch, "config": config.to_dict(), "settings": settings},
-        divergence_advice=DIVERGENCE_ADVICE, evaluate=evaluate, watch=watch)
+        divergence_advice=DIVERGENCE_ADVICE, evaluate=evaluate, watch=watch,
+        profile=tuple(config.profile_steps), profile_dir=os.path.join(workdir, "tensorboard"))
   reporter.plot()
   return last

@@ -102,9 +102,9 @@ class Conv2D(hk.Conv2D):
   optional weight standardisation (Qiao et al. 2019: per output channel).
 
   A 1x1 convolution is a matmul over channels, after striding. On XLA:CPU the
-  dot and its gradients run 1.4-3x faster than the convolution, and ResNet-50's
-  whole update step 1.4x (`benchmarks/bench_ops.py`, experiments/speed.md); the
-  result is the same up to float rounding.
+  dot and its gradients run faster than the convolution, and so does ResNet-50's
+  whole update step (measurements: experiments/speed.md, `benchmarks/bench_ops.py`);
+  the result is the same up to float rounding.
   """
 
   def __init__(self, *args, standardize: bool = False, **kwargs):
@@ -137,9 +137,9 @@ def max_pool_3x3_s2(x, padding: str, how: str = "auto"):
   (`lax.platform_dependent`); "slices" or "reduce_window": that one everywhere.
 
   Same values either way. On TPU the slices' gradient holds eight boolean masks and
-  nine padded partial sums at the stem's resolution, a fifth of ResNet-50's HBM
-  traffic per step (experiments/tpu_scale.md); reduce_window's select-and-scatter
-  is one pass.
+  nine padded partial sums at the stem's resolution, a large share of ResNet-50's
+  HBM traffic per step (experiments/tpu_scale.md); reduce_window's
+  select-and-scatter is one pass.
   """
   slices = functools.partial(max_pool_slices, padding=padding)
   reduce_window = functools.partial(max_pool_reduce_window, padding=padding)
@@ -158,8 +158,7 @@ def max_pool_slices(x, padding: str):
   """The max-pool as the maximum of nine strided slices.
 
   Its gradient is elementwise selects, where `lax.reduce_window`'s is a
-  select-and-scatter, slower on XLA:CPU (1.2x alone, 3% of ResNet-50's step;
-  `benchmarks/bench_ops.py`). Same values; the gradient differs only where two
+  select-and-scatter, slower on XLA:CPU (experiments/speed.md, `benchmarks/bench_ops.py`). Same values; the gradient differs only where two
   inputs of a window tie exactly, which it splits instead of giving to the
   first (after a ReLU, ties at zero get no gradient either way).
   """

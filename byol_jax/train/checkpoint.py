@@ -20,8 +20,9 @@ that cannot be read is moved aside to `unreadable-<step>/`, one written after
 the loss had already blown up to `diverged-<step>/` (see `vouched`), both
 beside the good ones, kept for inspection, with a warning naming them.
 
-Checkpoints written before the split hold one item `state` (the whole
-TrainState); both `Checkpointer.restore` and `load_pretrained` still read them.
+Checkpoints of pre-release byol_jax (before 0.1.0: one item `state`, or an
+architecture without `padding`, `head_norm` and `head_bias`) are refused with
+a one-line ConfigError (`refuse_pre_release`), not read.
 """
 
 import os
@@ -41,10 +42,10 @@ from byol_jax.train.train_step import TrainState
 # What must match for a checkpoint's arrays to fit the model.
 _ARCH_FIELDS = ("depth", "width", "base_channels", "stem", "norm", "padding", "projector_hidden",
                 "predictor_hidden", "projection_dim", "head_norm", "head_bias", "use_predictor")
-# Model fields added after checkpoints were first written, with the value those
-# checkpoints were trained with: an old checkpoint reads as what it is.
-LEGACY_MODEL_DEFAULTS = {"padding": "torchvision", "head_norm": True, "head_bias": True}
-_OLD_ITEM = "state"  # the whole TrainState, before `online` / `train`
+# What marks a checkpoint of pre-release byol_jax: the whole TrainState as one item, or an
+# architecture record without the model fields 0.1.0 added.
+_PRE_RELEASE_ITEM = "state"
+_PRE_RELEASE_MISSING = ("padding", "head_norm", "head_bias")
 # See `vouched`: how far above the run's lowest loss a checkpoint's loss may be.
 DIVERGED_FACTOR = 10.0
 
@@ -129,7 +130,10 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001 - whatever the damage, the step is unusable
         self.set_aside(step, "unreadable", _short(e))
         continue
-      self._check_compatible(step, meta, expected_arch, expected_settings, allow_changed)
+      whole_state = (set(abstract_items) == {"online", "train"}
+                     and self.has_item(step, _PRE_RELEASE_ITEM))
+      self._check_compatible(step, meta, expected_arch, expected_settings, allow_changed,
+                             whole_state)
       try:
         return step, self._restore_items(step, abstract_items)
       except Exception as e:  # noqa: BLE001
@@ -140,12 +144,11 @@ class Checkpointer:
     return None, None
 
   def _check_compatible(self, step: int, meta: dict, arch: Optional[dict],
-                        expected: Optional[dict], allow_changed: bool) -> None:
+                        expected: Optional[dict], allow_changed: bool,
+                        whole_state: bool = False) -> None:
     where = f"The checkpoint in {self.directory} (step {step})"
+    refuse_pre_release(where, whole_state, meta.get("architecture"), arch)
     saved_arch = dict(meta.get("architecture") or {})
-    for key, value in LEGACY_MODEL_DEFAULTS.items():
-      if arch is not None and key in arch:
-        saved_arch.setdefault(key, value)
     if arch is not None and saved_arch != arch:
       raise ConfigError(
           f"{where} was written by a different model: {_diff(saved_arch, arch)}. Use a fresh "
@@ -195,12 +198,6 @@ class Checkpointer:
     return moved
 
   def _restore_items(self, step: int, abstract_items: dict) -> dict:
-    if set(abstract_items) == {"online", "train"} and self.has_item(step, _OLD_ITEM):
-      abstract_state = state_from_items(abstract_items)
-      restored = self.manager.restore(step, args=ocp.args.Composite(
-          **{_OLD_ITEM: ocp.args.StandardRestore(abstract_state)}))
-      old = restored[_OLD_ITEM]
-      return state_items(old if isinstance(old, TrainState) else TrainState(**old))
     restored = self.manager.restore(step, args=ocp.args.Composite(
         **{name: ocp.args.StandardRestore(tree) for name, tree in abstract_items.items()}))
     return {name: restored[name] for name in abstract_items}
@@ -224,6 +221,21 @@ class Checkpointer:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def refuse_pre_release(where: str, whole_state_item: bool, saved_arch: Optional[dict],
+                       expected_arch: Optional[dict]) -> None:
+  """Raises ConfigError for a checkpoint that pre-release byol_jax (before 0.1.0) wrote:
+  its TrainState in one item, or its architecture without fields `expected_arch` has."""
+  missing = [k for k in _PRE_RELEASE_MISSING
+             if saved_arch is not None and k in (expected_arch or {}) and k not in saved_arch]
+  if whole_state_item or missing:
+    mark = (f"one item '{_PRE_RELEASE_ITEM}'" if whole_state_item
+            else "no model." + "/".join(missing) + " in its architecture")
+    raise ConfigError(
+        f"{where} was written by pre-release byol_jax (before 0.1.0: {mark}), which "
+        "byol_jax 0.1.0 and later do not read. Pretrain again in a fresh --workdir, or use "
+        "the pre-release checkout that wrote it.")
 
 
 def abstract(tree):
@@ -259,10 +271,14 @@ def load_pretrained(config, workdir: str, mesh):
     steps = ckpt.steps()
     for step in steps:
       try:
-        saved = ckpt.read_meta(step)["config"]
+        meta = ckpt.read_meta(step)
+        saved = meta["config"]
       except Exception as e:  # noqa: BLE001 - whatever the damage, try the one before
         _warn_unreadable(step, directory, e)
         continue
+      refuse_pre_release(f"The checkpoint in {directory} (step {step})",
+                         ckpt.has_item(step, _PRE_RELEASE_ITEM), meta.get("architecture"),
+                         architecture(config))
       config, nets, target = _online_target(config, saved, mesh)
       try:
         online = _restore_online(ckpt, step, target)
@@ -281,7 +297,7 @@ def _online_target(config, saved: dict, mesh):
   """(config with the checkpoint's model, networks, the online network's abstract tree)."""
   config = config.copy_and_resolve_references()
   with config.unlocked():
-    config.model = type(config.model)({**LEGACY_MODEL_DEFAULTS, **saved["model"]})
+    config.model = type(config.model)(saved["model"])
     for key in ("num_classes", "num_train_examples", "image_size"):
       config.data[key] = saved["data"][key]
   nets = networks.make_networks(config.model, config.data.num_classes)
@@ -296,8 +312,6 @@ def _online_target(config, saved: dict, mesh):
 
 
 def _restore_online(ckpt: Checkpointer, step: int, target: dict) -> dict:
-  if ckpt.has_item(step, _OLD_ITEM):
-    return _restore_old_online(ckpt, step, target)
   return ckpt.manager.restore(step, args=ocp.args.Composite(
       online=ocp.args.StandardRestore(target)))["online"]
 
@@ -305,14 +319,6 @@ def _restore_online(ckpt: Checkpointer, step: int, target: dict) -> dict:
 def _warn_unreadable(step: int, directory: str, e: Exception) -> None:
   logging.warning("Checkpoint at step %d in %s is unreadable (%s); trying an older one.", step,
                   directory, _short(e))
-
-
-def _restore_old_online(ckpt: Checkpointer, step: int, target: dict) -> dict:
-  """The online part of a whole-TrainState checkpoint, read without its optimizer."""
-  restored = ckpt.manager.restore(step, args=ocp.args.Composite(
-      **{_OLD_ITEM: ocp.args.StandardRestore()}))[_OLD_ITEM]
-  online = {"params": restored["online_params"], "state": restored["online_state"]}
-  return jax.tree.map(lambda x, t: jax.device_put(x, t.sharding), online, target)
 
 
 def _no_checkpoint_message(directory: str) -> str:

@@ -15,7 +15,7 @@ import contextlib
 import math
 import signal
 import threading
-from typing import Callable, Iterator, NamedTuple, Optional
+from typing import Callable, Iterator, NamedTuple, Optional, Tuple
 
 import jax
 import numpy as np
@@ -104,23 +104,27 @@ class _LossHistory:
 
 def train(state, *, update, batches, mesh, start: int, total: int, every: Every, reporter,
           ckpt, to_items: Callable, meta: dict, divergence_advice: str,
-          evaluate: Optional[Callable] = None, watch: Optional[Callable] = None):
+          evaluate: Optional[Callable] = None, watch: Optional[Callable] = None,
+          profile: Tuple[int, ...] = (), profile_dir: str = ""):
   """Runs steps start..total-1 of `update`; returns (state, last metrics).
 
   The metrics gain `preempted_at_step` when SIGTERM or Ctrl-C stopped the loop
   early (after saving). `to_items(state)` gives the checkpoint items of a
   state; `meta` is saved beside them, with the loss record added. `watch(step,
-  metrics)` sees every reported row (training and evaluation).
+  metrics)` sees every reported row (training and evaluation). `profile=(A, B)`
+  traces steps A..B (1-based) with jax.profiler into `profile_dir`.
   """
   watch = watch or (lambda step, metrics: None)
   pending, last = [], {}
   history = _LossHistory(ckpt.read_meta(start) if start else {})
   reporter.drop_after(start)
   reporter.start_timer(start)
-  with preemption_watch() as preempted:
+  with preemption_watch() as preempted, _Profiler(profile, profile_dir) as profiler:
     for step in range(start, total):
+      profiler.before(step + 1)
       state, metrics = update(state, parallel.to_global(next(batches), mesh))
       done = step + 1
+      profiler.after(done, state)
       pending.append((done, metrics))
       stop = done < total and preempted(done)
       log = stop or itstime(done, every.log, total)
@@ -144,6 +148,37 @@ def train(state, *, update, batches, mesh, start: int, total: int, every: Every,
         reporter.start_timer(done)  # evaluation time is not training speed
         last.update(eval_metrics)
   return state, last
+
+
+class _Profiler:
+  """A jax.profiler trace of steps first..last: started before step `first`, stopped once
+  step `last`'s state is computed (or when the loop ends early)."""
+
+  def __init__(self, steps: Tuple[int, ...], log_dir: str):
+    self.steps, self.log_dir, self.tracing = tuple(steps), log_dir, False
+
+  def before(self, step: int) -> None:
+    if self.steps and step == self.steps[0]:
+      jax.profiler.start_trace(self.log_dir)
+      self.tracing = True
+
+  def after(self, step: int, state) -> None:
+    if self.tracing and step == self.steps[1]:
+      jax.block_until_ready(state)
+      self._stop()
+      logging.info("Wrote a profile of steps %d-%d under %s (TensorBoard: its profile tab).",
+                   *self.steps, self.log_dir)
+
+  def _stop(self) -> None:
+    jax.profiler.stop_trace()
+    self.tracing = False
+
+  def __enter__(self) -> "_Profiler":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    if self.tracing:
+      self._stop()
 
 
 def _check_and_average(pending, history: _LossHistory, ckpt, advice: str) -> dict:

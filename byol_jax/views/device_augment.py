@@ -25,10 +25,10 @@ ablations are config changes.
 
 The tf_image ops are written by hand rather than taken from dm-pix (DeepMind's
 JAX image library, whose ops and blur are the reference's): they agree with
-dm-pix to 2e-6 and, jitted and vmapped on XLA:CPU, run a whole view 2.3-5x
-faster (benchmarks/bench_color_ops.py): dm-pix's per-op HSV round trips and
-per-example convolutions do not fit the hue-once scan and shifted-add blur
-below.
+dm-pix and run a whole view faster on XLA:CPU, since dm-pix's per-op HSV round
+trips and per-example convolutions do not fit the hue-once scan and shifted-add
+blur below (measurements: experiments/speed.md, "Colour ops: hand-written vs
+dm-pix"; `benchmarks/bench_color_ops.py`).
 """
 
 import functools
