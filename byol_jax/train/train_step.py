@@ -33,7 +33,7 @@ class TrainState(NamedTuple):
 def init_state(config, nets: networks_lib.Networks, optimizer, image_shape, seed: int) -> TrainState:
   """Initial state; the target starts as a copy of the online encoder and projector."""
   init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
-  dummy = jnp.zeros((2, *image_shape), jnp.float32)
+  dummy = jnp.zeros((2, *image_shape), networks_lib.param_dtype(config.compute_dtype))
   params, state = nets.online.init(init_key, dummy, True)
   return TrainState(step=jnp.zeros((), jnp.int32), rng=run_key,
                     online_params=params, online_state=state,
@@ -66,6 +66,7 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
   """
   lr_fn, tau_fn = optim.schedules(config)
   compute_dtype = jnp.dtype(config.compute_dtype)
+  out_dtype = networks_lib.param_dtype(compute_dtype)  # of outputs, losses and gradients
   merge_views = config.model.merge_views_bn
   one_pass = merge_views or config.model.views_in_one_pass
   projection_dim = config.model.projection_dim
@@ -80,14 +81,14 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
       both = jnp.stack([view1, view2], axis=1).reshape(-1, *view1.shape[1:])
       out, state = transformed.apply(cast(params), state, cast(both), True,
                                      1 if merge_views else 2)
-      out = networks_lib.cast_floating(out, jnp.float32)
+      out = networks_lib.cast_floating(out, out_dtype)
       views = [jax.tree.map(lambda x, v=v: x.reshape(-1, 2, *x.shape[1:])[:, v], out)
                for v in (0, 1)]
       return views[0], views[1], state
     out1, state = transformed.apply(cast(params), state, cast(view1), True)
     out2, state = transformed.apply(cast(params), state, cast(view2), True)
-    return (networks_lib.cast_floating(out1, jnp.float32),
-            networks_lib.cast_floating(out2, jnp.float32), state)
+    return (networks_lib.cast_floating(out1, out_dtype),
+            networks_lib.cast_floating(out2, out_dtype), state)
 
   def loss_fn(online_params, state: TrainState, view1, view2, labels):
     on1, on2, online_state = forward(nets.online, online_params, state.online_state, view1, view2)
