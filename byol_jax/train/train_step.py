@@ -14,10 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from byol_jax.data import batch as batch_lib
 from byol_jax.model import networks as networks_lib
 from byol_jax.model import objectives
 from byol_jax.train import optim, parallel
-from byol_jax.views import device_crop
 
 
 class TrainState(NamedTuple):
@@ -55,10 +55,9 @@ AugmentFn = Callable[[jax.Array, jax.Array, int], jax.Array]
 def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment: AugmentFn):
   """Returns jitted `update(state, batch) -> (state, metrics)`.
 
-  `batch` holds `view1`, `view2` (uint8 or float, [B, H, W, 3]) and `label`
-  (int32, -1 for unlabelled), sharded along the mesh's data axis; or, from
-  in-memory sources, `image` (uint8 [B, H, W, 3]) and `crop_seed` (uint32
-  [B, 2, 2]) instead of the views, which `device_crop` then cuts here. `augment`
+  `batch` is a `data.batch.PretrainBatch` of either variant, sharded along the
+  mesh's data axis: host views, or in-memory images that `batch.raw_views` cuts
+  here (the jit traces one update per variant). `augment`
   takes (images, key, view_index) and returns float views in [0, 1]; it gets
   one key per view and must split it per example of the global batch (as
   `device_augment.device_augment` does), so no two examples on any device share
@@ -107,7 +106,7 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
   def update(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
     key1, key2 = jax.random.split(key)
-    raw1, raw2 = device_crop.batch_views(config, batch)  # cut here from in-memory sources
+    raw1, raw2 = batch_lib.raw_views(config, batch)  # cut here from in-memory images
     view1 = augment(raw1, key1, 0)
     view2 = augment(raw2, key2, 1)
     grads, aux = jax.grad(loss_fn, has_aux=True)(state.online_params, state, view1, view2,
