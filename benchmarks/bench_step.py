@@ -311,11 +311,11 @@ def augment_timers(config, mesh, augment):
   """Jitted (crop, colour) functions of a batch, as the step runs them, for timing alone."""
   import jax  # pylint: disable=g-import-not-at-top
   from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
-  from byol_jax.views import device_crop
+  from byol_jax.data import batch as batch_lib  # pylint: disable=g-import-not-at-top
   data, repl = parallel.batch_sharded(mesh), parallel.replicated(mesh)
 
   def crop(batch):
-    return device_crop.batch_views(config, batch)
+    return batch_lib.raw_views(config, batch)
 
   def color(views, key):
     key1, key2 = jax.random.split(key)

@@ -5,7 +5,8 @@ run it take --reference_dir, a checkout of that repository (the folder that
 holds byol/). Its code runs unchanged on the current jax after shims that touch
 none of its maths:
 
-* `jax.tree_map`, removed from jax, is set to `jax.tree.map`;
+* `jax.tree_map` and `jax.tree_multimap` (its LARS), removed from jax, are set to
+  `jax.tree.map`, which maps over several trees as tree_multimap did;
 * `acme.jax.utils` (imported for the input pipeline's prefetch) and `dill` (for
   its checkpoints), neither used by these scripts, are empty modules when not
   installed.
@@ -38,8 +39,9 @@ def import_reference(reference_dir: str, *modules: str):
   if not os.path.isfile(os.path.join(reference_dir, "byol", "byol_experiment.py")):
     raise SystemExit(f"--reference_dir={reference_dir} has no byol/byol_experiment.py: give the "
                      "deepmind-research checkout, the folder that holds byol/.")
-  if not hasattr(jax, "tree_map"):
-    jax.tree_map = jax.tree.map
+  for name in ("tree_map", "tree_multimap"):
+    if not hasattr(jax, name):
+      setattr(jax, name, jax.tree.map)
   for name in ("acme.jax.utils", "dill"):
     try:
       importlib.import_module(name)

@@ -157,6 +157,10 @@ def finalize(config: ml_collections.ConfigDict, num_train_examples: int,
                       "lower --config.warmup_epochs or raise --config.epochs.")
   _check_profile_steps(config)
   _check_choice(config, "tau_schedule", ("cosine", "constant"))
+  if config.compute_dtype == "float64":
+    raise ConfigError("compute_dtype 'float64' is a parity-check path (jax_enable_x64, "
+                      "benchmarks/reference_parity.py --dtype=float64), not a training option: "
+                      "use 'float32' or 'bfloat16'.")
   _check_choice(config, "compute_dtype", ("float32", "bfloat16"))
   config.lock()
   return config

@@ -600,12 +600,12 @@ def _write_parity_stand_in(folder, edit=lambda name, text: text):
     (folder / name).write_text(edit(name, text))
 
 
-def _parity(folder, devices, steps):
+def _parity(folder, devices, steps, *args):
   """reference_parity.py on the stand-in in `folder`: (exit status, stdout, figures)."""
   path = folder / "parity.json"
   result = subprocess.run([sys.executable, os.path.join(BENCH, "reference_parity.py"),
                            f"--reference_dir={folder}", *PARITY_ARGS, f"--devices={devices}",
-                           f"--steps={steps}", f"--json={path}"],
+                           f"--steps={steps}", f"--json={path}", *args],
                           capture_output=True, text=True, timeout=900,
                           cwd=REPO, env=_env())
   assert result.returncode in (0, 1) and path.exists(), (result.stdout[-3000:] +
@@ -647,12 +647,26 @@ def test_reference_parity_names_the_tensor_a_wrong_step_breaks(tmp_path):
   _write_parity_stand_in(tmp_path, lambda name, text: text.replace(
       "ema_source = online_params", "ema_source = state.online_params"))
   returncode, stdout, figures = _parity(tmp_path, devices=1, steps=1)
-  assert returncode == 1 and stdout.strip().splitlines()[-1].startswith("FAIL: ")
+  assert returncode == 1 and stdout.strip().splitlines()[-1].startswith("FAIL (float32): ")
   first = figures["runs"]["pretrain, 1 device(s)"][0]["tensors"]["worst"]
   assert first["target params"]["relative"] > 1e-2
   assert re.match(r"(encoder|projector)/", first["target params"]["tensor"])
   assert first["online params"]["relative"] < 1e-3 and first["LARS momentum"]["relative"] < 1e-3
   assert not figures["tensors_passed"]
+
+
+def test_reference_parity_in_float64_holds_a_faithful_reference_to_1e_8(tmp_path):
+  """--dtype=float64: both steps in float64, the stand-in's hard-coded float32 (its lr's
+  `global_step.astype(jnp.float32)`, as the reference's schedules) read as float64 (else the
+  script stops: its lr would be float32), losses to 1e-12 and every tensor to 1e-8."""
+  _write_parity_stand_in(tmp_path)
+  returncode, stdout, figures = _parity(tmp_path, 1, 1, "--dtype=float64")
+  assert returncode == 0 and figures["passed"], stdout
+  assert figures["settings"]["dtype"] == "float64" and figures["tolerances"]["tensor"] == 1e-8
+  assert figures["worst_loss_relative"] <= 1e-12 and figures["worst_tensor_relative"] <= 1e-8
+  assert "jnp.float32 is float64 in the reference's byol.byol_experiment" in stdout
+  assert "one ulp up" not in stdout
+  assert stdout.strip().splitlines()[-1].startswith("PASS (float64): losses within 1e-12")
 
 
 def test_reference_parity_names_a_batch_that_does_not_split(tmp_path):

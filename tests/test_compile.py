@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from byol_jax import config_lib
-from byol_jax.data import datasets, input_pipeline
+from byol_jax.data import batch as batch_lib
+from byol_jax.data import datasets
 from byol_jax.errors import ConfigError
 from byol_jax.jobs import compile as compile_job
 from byol_jax.preflight import compile as compile_lib
@@ -128,15 +129,15 @@ def test_unknown_split_size_says_which_fields_to_set():
 
 def test_batch_shapes_follow_the_input_pipeline():
   config = config_lib.load("resnet50_imagenet")
-  shapes = input_pipeline.batch_shapes(config, "pretrain", 64)
+  shapes = batch_lib.shapes(config, "pretrain", 64)
   assert shapes == {"view1": ((64, 224, 224, 3), "float16"), "view2": ((64, 224, 224, 3),
                     "float16"), "label": ((64,), "int32")}
   config.data.source, config.data.path = "npz", "x.npz"   # in-memory: cut on the device
-  shapes = input_pipeline.batch_shapes(config, "pretrain", 8, source_side=32)
+  shapes = batch_lib.shapes(config, "pretrain", 8, source_side=32)
   assert shapes["image"] == ((8, 32, 32, 3), "uint8")
   assert shapes["crop_seed"] == ((8, 2, 2), "uint32")
   with pytest.raises(datasets.DataSourceError, match="crop_on=host"):
-    input_pipeline.batch_shapes(config, "pretrain", 8, source_side=0)
+    batch_lib.shapes(config, "pretrain", 8, source_side=0)
 
 
 # --- The TPU compiler, in a subprocess ------------------------------------------

@@ -76,6 +76,9 @@ def test_finalize_derives_steps_from_epochs():
   c.compute_dtype = "float16"
   with pytest.raises(config_lib.ConfigError, match="compute_dtype"):
     config_lib.finalize(c, 50_000, 10)
+  c.compute_dtype = "float64"
+  with pytest.raises(config_lib.ConfigError, match="float64' is a parity-check path"):
+    config_lib.finalize(c, 50_000, 10)
 
 
 @pytest.mark.parametrize("args, expected", [

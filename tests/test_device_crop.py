@@ -9,6 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from byol_jax import tf_import
 from byol_jax.configs import base
+from byol_jax.data import batch as batch_lib
 from byol_jax.data import stream_index
 from byol_jax.views import device_crop, host_augment
 
@@ -113,10 +114,10 @@ def test_views_of_an_example_do_not_depend_on_its_neighbours():
   cfg = base.get_base_config()
   cfg.data.image_size = 8
   batch = batch_of(8)
-  views = np.asarray(device_crop.batch_views(cfg, batch))
+  views = np.asarray(batch_lib.raw_views(cfg, batch))
   order = np.random.default_rng(1).permutation(8)
   permuted = {k: v[order] for k, v in batch.items()}
-  np.testing.assert_allclose(np.asarray(device_crop.batch_views(cfg, permuted)),
+  np.testing.assert_allclose(np.asarray(batch_lib.raw_views(cfg, permuted)),
                              views[:, order], atol=1e-6)
   assert not np.allclose(views[0], views[1])  # the two views differ
 
@@ -127,7 +128,7 @@ def test_views_do_not_depend_on_the_device_count():
   cfg = base.get_base_config()
   cfg.data.image_size = 8
   batch = batch_of(16)
-  fn = jax.jit(lambda b: device_crop.batch_views(cfg, b))
+  fn = jax.jit(lambda b: batch_lib.raw_views(cfg, b))
   single = np.asarray(fn(batch))
   sharded = jax.device_put(batch, NamedSharding(Mesh(np.asarray(devices), ("data",)), P("data")))
   np.testing.assert_allclose(np.asarray(fn(sharded)), single, atol=1e-6)
@@ -136,7 +137,9 @@ def test_views_do_not_depend_on_the_device_count():
 def test_host_views_pass_through_and_bad_shapes_are_rejected():
   cfg = base.get_base_config()
   views = {"view1": np.zeros((2, 4, 4, 3), np.uint8), "view2": np.ones((2, 4, 4, 3), np.uint8)}
-  assert device_crop.batch_views(cfg, views)[1] is views["view2"]
+  assert batch_lib.raw_views(cfg, views)[1] is views["view2"]
+  with pytest.raises(ValueError, match=r"needs \('view1', 'view2'\) or \('image', 'crop_seed'\)"):
+    batch_lib.raw_views(cfg, {"image": views["view1"], "label": np.zeros(2, np.int32)})
   with pytest.raises(ValueError, match=r"\[B, H, W, 3\]"):
     device_crop.crop_views(np.zeros((2, 4, 4), np.uint8), batch_of(2)["crop_seed"],
                            [cfg.augment.view1], 4)

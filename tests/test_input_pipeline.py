@@ -15,6 +15,7 @@ from PIL import Image
 
 from byol_jax import tf_import
 from byol_jax.configs import base
+from byol_jax.data import batch as batch_lib
 from byol_jax.data import datasets, input_pipeline, sources, stream_index
 from byol_jax.views import host_augment
 
@@ -83,6 +84,8 @@ def assert_batches_equal(a, b):
 def test_batch_format(tree):
   batch = pretrain(make_config(tree), n=1)[0]
   assert set(batch) == {"view1", "view2", "label"}
+  assert batch_lib.pretrain_variant(make_config(tree)) is batch_lib.variant_of(batch)
+  assert batch_lib.variant_of(batch) is batch_lib.HOST_VIEWS
   assert batch["view1"].shape == batch["view2"].shape == (BATCH, 8, 8, 3)
   dtype = host_augment.VIEW_DTYPES[base.resolve_augment(make_config(tree).augment)["resize"]]
   assert batch["view1"].dtype == dtype and batch["label"].dtype == np.int32
@@ -292,6 +295,8 @@ def array_config(npz, seed=0, batch_size=BATCH):
 def test_array_batches_carry_raw_images_and_crop_seeds(npz):
   batch = pretrain(array_config(npz), n=1)[0]
   assert set(batch) == {"image", "crop_seed", "label"}
+  assert batch_lib.pretrain_variant(array_config(npz)) is batch_lib.variant_of(batch)
+  assert batch_lib.variant_of(batch) is batch_lib.DEVICE_CROP
   assert batch["image"].shape == (BATCH, 12, 10, 3) and batch["image"].dtype == np.uint8
   assert batch["crop_seed"].shape == (BATCH, 2, 2) and batch["crop_seed"].dtype == np.uint32
   np.testing.assert_array_equal(batch["label"], ids_of(batch["image"]) // PER_CLASS)

@@ -264,6 +264,29 @@ def test_bfloat16_compute_keeps_float32_params(base, first_step):
   np.testing.assert_allclose(metrics["probe_loss"], metrics32["probe_loss"], rtol=5e-2)
 
 
+def test_float64_compute_holds_no_float32(base):
+  """compute_dtype='float64' under jax_enable_x64 (`reference_parity.py --dtype=float64`):
+  no value of the whole step, parameters, BN statistics, losses, lr and tau included, is
+  float32, so a float64 parity run measures the algorithm, not float32 rounding. The float32
+  step (control) holds nothing else."""
+  def step_jaxpr(config):
+    nets = networks.make_networks(config.model, config.data.num_classes)
+    optimizer = optim.make_optimizer(config)
+    state = jax.eval_shape(lambda: train_step.init_state(
+        config, nets, optimizer, tiny.image_shape(config), seed=0))
+    update = train_step.make_update_fn(config, nets, optimizer, _mesh(1), _no_augmentation)
+    dtype = networks.param_dtype(config.compute_dtype)
+    batch = {k: jax.ShapeDtypeStruct(v.shape, dtype if v.dtype == np.float32 else v.dtype)
+             for k, v in tiny.random_batch(config).items()}
+    return str(jax.make_jaxpr(update)(state, batch))
+
+  with jax.enable_x64(True):
+    text = step_jaxpr(tiny.tiny_config(compute_dtype="float64"))
+  assert "f32[" not in text and "f64[" in text
+  control = step_jaxpr(base.config)
+  assert "f64[" not in control and "f32[" in control
+
+
 # --- (f) per-view BatchNorm --------------------------------------------------
 
 def _conv1_batch_mean(params, views):

@@ -72,6 +72,8 @@ def get_base_config() -> ml_collections.ConfigDict:
   c.base_tau = 0.996
   c.tau_schedule = "cosine"           # "constant" keeps tau = base_tau (0.0: no EMA, an ablation)
   c.compute_dtype = "float32"         # "bfloat16": bf16 compute, fp32 params and optimizer
+  # ("float64", with jax_enable_x64: params and everything else in float64, for parity checks
+  # only; `--config` refuses it)
 
   c.model = ml_collections.ConfigDict(dict(
       depth=50, width=1, stem="imagenet", norm="batch",   # norm: "batch" | "group_ws"

@@ -27,13 +27,12 @@ positions [k*b, (k+1)*b) (b = B/P); augmentation seeds still use the global
 position k*B + p*b + row. Resuming skips (reads, does not decode) the part of
 the current epoch already consumed: at most one epoch of encoded records.
 
-Host/device split: for encoded sources (tf.data) the host decodes, crops,
-resizes and flips and ships views `view1`, `view2` (float16 in [0, 1] or
-uint8: `host_augment.VIEW_DTYPES`). For in-memory arrays
-(`sources.ArraySource`) it only gathers rows: each batch carries the raw
-`image` and a `crop_seed` per example and view (a threefry key that is a fixed
-function of (config.seed, stream position, view)), and the update step cuts
-both views on the device (`device_crop`), so the same determinism, resume and
+Host/device split (`batch`, the contract): for encoded sources (tf.data) the
+host decodes, crops, resizes and flips and ships views (`batch.HOST_VIEWS`).
+For in-memory arrays (`sources.ArraySource`) it only gathers rows, with a
+`crop_seed` per example and view (a threefry key that is a fixed function of
+(config.seed, stream position, view)), and the update step cuts both views on
+the device (`batch.DEVICE_CROP`), so the same determinism, resume and
 process-sharding guarantees hold; that path needs no TensorFlow. Either way
 colour jitter, grayscale, blur and solarize run on the device inside the update
 step (`device_augment`).
@@ -221,19 +220,13 @@ def pretrain_dataset(config, *, start_step: int, process_index: int, process_cou
 
 def pretrain_batches(config, *, start_step: int, process_index: int,
                      process_count: int) -> Iterator[dict]:
-  """This process's rows of global batches start_step, start_step + 1, ... forever.
-
-  Encoded sources yield `view1`, `view2` ([B/P, S, S, 3] in
-  `host_augment.VIEW_DTYPES[resize]`, cropped, resized and flipped on the host)
-  and `label` (int32, -1 when unlabelled).
-  In-memory arrays (`sources.ArraySource`) yield `image` (uint8 [B/P, H, W,
-  3], as stored), `crop_seed` (uint32 [B/P, 2, 2]) and `label`, and
-  `train_step`'s update cuts the views on the device (`device_crop`). Colour
+  """This process's rows of global batches start_step, start_step + 1, ... forever:
+  `batch.PretrainBatch`s of the run's variant (`batch.pretrain_variant`). Colour
   ops are always left to `device_augment`. See the module docstring for the
   determinism and resume guarantees.
   """
   source = datasets.load_source(config, config.data.train_split)
-  if isinstance(source, sources.ArraySource):
+  if _in_memory(source):
     return array_pipeline.pretrain_batches(config, source, start_step=start_step,
                                            process_index=process_index,
                                            process_count=process_count)
@@ -263,7 +256,7 @@ def linear_train_batches(config, *, batch_size: int, start_step: int, process_in
   kwargs = dict(batch_size=batch_size, start_step=start_step, process_index=process_index,
                 process_count=process_count, label_fraction=label_fraction)
   source = datasets.load_source(config, config.data.train_split)
-  if isinstance(source, sources.ArraySource):
+  if _in_memory(source):
     return array_pipeline.linear_train_batches(config, source, **kwargs)
   return linear_train_dataset(config, **kwargs).as_numpy_iterator()
 
@@ -321,35 +314,12 @@ def eval_batches(config, split: str, *, batch_size: int, process_index: int,
   """
   kwargs = dict(batch_size=batch_size, process_index=process_index, process_count=process_count)
   source = datasets.load_source(config, split)
-  if isinstance(source, sources.ArraySource):
+  if _in_memory(source):
     return array_pipeline.eval_batches(config, source, **kwargs)
   return eval_dataset(config, split, **kwargs).as_numpy_iterator()
 
 
-def batch_shapes(config, kind: str, batch_size: int, source_side: int = 0) -> dict:
-  """{key: (shape, dtype)} of the global batches of `kind` ("pretrain", "linear" or
-  "eval") that the functions above yield, as the steps that take them see them;
-  for compiling those steps without reading data.
-
-  A pretraining batch carries the raw in-memory images (square, `source_side`
-  px) and their crop seeds when the crop runs on the device where the run
-  happens (with TensorFlow, as requirements.txt installs it), else host views.
-  """
-  size = int(config.data.image_size)
-  resize = base.resolve_augment(config.augment)["resize"]
-  view = ((batch_size, size, size, 3), host_augment.VIEW_DTYPES[resize])
-  label = ((batch_size,), "int32")
-  if kind == "eval":
-    return {"image": view, "label": label, "mask": ((batch_size,), "bool")}
-  if kind == "linear":
-    return {"image": view, "label": label}
-  if not datasets.crop_on_device(config, tensorflow=True):
-    return {"view1": view, "view2": view, "label": label}
-  if source_side <= 0:
-    raise sources.DataSourceError(
-        f"The crop runs on the device (augment.crop_on={config.augment.crop_on!r}), which needs "
-        "one-size images in memory; the images of this data source vary in size. Set "
-        "--config.augment.crop_on=host.")
-  return {"image": ((batch_size, source_side, source_side, 3), "uint8"),
-          "crop_seed": ((batch_size, 2, 2), "uint32"), "label": label}
-
+def _in_memory(source) -> bool:
+  """Whether `array_pipeline` reads `source`: `load_source` holds a split in memory exactly
+  when `batch.pretrain_variant` is `DEVICE_CROP`, the run's one choice."""
+  return isinstance(source, sources.ArraySource)

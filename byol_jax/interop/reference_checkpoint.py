@@ -175,7 +175,7 @@ def _check_architecture(params, encoder: str, model_config) -> None:
 class _Importer:
   """Renames and checks the reference's trees against the network `model_config` builds."""
 
-  def __init__(self, online_params, model_config):
+  def __init__(self, online_params, model_config, dtype=jnp.float32):
     check_model_config(model_config)
     online_params = _plain(online_params, "online params")
     self.encoder = _encoder_name(online_params)
@@ -183,7 +183,7 @@ class _Importer:
     classifier = online_params.get("classifier")
     self.num_classes = int(classifier["w"].shape[1]) if classifier else 0
     online = networks.make_networks(model_config, max(self.num_classes, 1)).online
-    images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    images = jax.ShapeDtypeStruct((1, 32, 32, 3), dtype)  # the dtype the tensors are cast to
     self.shapes = jax.eval_shape(lambda x: online.init(jax.random.PRNGKey(0), x, True), images)
     # Imported when the file has them; the encoder always must be there.
     present = {byol_jax_module(m, self.encoder) for m in online_params}
@@ -199,13 +199,13 @@ class _Importer:
     return _check_and_cast(keep(renamed), sources, keep(shapes), what, self.describe)
 
 
-def to_byol_jax(params, state, model_config) -> Tuple[dict, dict, int]:
+def to_byol_jax(params, state, model_config, dtype=jnp.float32) -> Tuple[dict, dict, int]:
   """The reference's online (params, state) -> byol_jax's, and the probe's class count.
 
   Every tensor is checked against the network `model_config` builds. The
   projector, predictor and probe come along when the file has them.
   """
-  importer = _Importer(params, model_config)
+  importer = _Importer(params, model_config, dtype)
   return (importer.tree(params, "params", importer.shapes[0]),
           importer.tree(state, "state", importer.shapes[1]), importer.num_classes)
 
@@ -219,7 +219,8 @@ def _lars_momentum(opt_state):
                     "state of the reference's LARS.")
 
 
-def to_train_state(experiment_state, step: int, model_config, optimizer, rng) -> TrainState:
+def to_train_state(experiment_state, step: int, model_config, optimizer, rng,
+                   dtype=jnp.float32) -> TrainState:
   """The reference's whole `_ByolExperimentState` at `step` -> byol_jax's TrainState.
 
   The online and target networks (parameters and BatchNorm statistics) and the
@@ -227,10 +228,11 @@ def to_train_state(experiment_state, step: int, model_config, optimizer, rng) ->
   byol_jax's schedules read it (`optim.lars_state`). The reference's target
   also holds a predictor and a classifier, which its loss never reads:
   byol_jax's target has neither, so they are left out. `optimizer` is
-  `optim.make_optimizer`'s; `rng` the uint32[2] key of the new state.
+  `optim.make_optimizer`'s; `rng` the uint32[2] key of the new state; `dtype` that of
+  every float tensor (float64 for parity runs under jax_enable_x64).
   """
   es = experiment_state
-  importer = _Importer(es.online_params, model_config)
+  importer = _Importer(es.online_params, model_config, dtype)
   params_shapes, state_shapes = importer.shapes
   target = set(networks.TARGET_MODULES)
   online_params = importer.tree(es.online_params, "online params", params_shapes)

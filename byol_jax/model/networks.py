@@ -139,6 +139,12 @@ def encoder_subset(tree: Mapping[str, Any]) -> hk.Params:
   return hk.data_structures.filter(lambda m, n, v: m.split("/")[0] == "encoder", tree)
 
 
+def param_dtype(compute_dtype) -> jnp.dtype:
+  """Parameters, BN statistics, losses and optimizer state for a compute dtype: float32
+  under bfloat16 or float32, float64 under float64 (parity runs, with jax_enable_x64)."""
+  return jnp.promote_types(compute_dtype, jnp.float32)
+
+
 def cast_floating(tree, dtype):
   return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                       tree)

@@ -25,7 +25,7 @@ def softmax_cross_entropy(logits, labels):
   """Mean cross-entropy and top-1 / top-5 hit counts; labels < 0 are ignored."""
   valid = labels >= 0
   safe = jnp.where(valid, labels, 0)
-  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.promote_types(logits.dtype, jnp.float32)))
   nll = -jnp.take_along_axis(log_probs, safe[:, None], axis=-1)[:, 0]
   count = jnp.maximum(jnp.sum(valid), 1)
   loss = jnp.sum(jnp.where(valid, nll, 0.0)) / count

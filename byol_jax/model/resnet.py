@@ -202,7 +202,8 @@ class BatchNorm(hk.BatchNorm):
 
 
 def batch_norm(x, is_training: bool, scale_init=jnp.ones, name: str = "bn", views: int = 1):
-  """BatchNorm computed in float32 whatever the compute dtype, per view (`BatchNorm`).
+  """BatchNorm computed in at least float32 whatever the compute dtype (float64 stays
+  float64), per view (`BatchNorm`).
 
   It takes the variance as E[x^2] - E[x]^2, which cancels catastrophically in
   bfloat16 (NaN losses within tens of steps); float32 statistics are the usual
@@ -210,7 +211,7 @@ def batch_norm(x, is_training: bool, scale_init=jnp.ones, name: str = "bn", view
   batch is already a global (cross-replica) mean: XLA inserts the all-reduce.
   """
   y = BatchNorm(True, True, BN_DECAY, eps=BN_EPS, scale_init=scale_init, name=name)(
-      x.astype(jnp.float32), is_training, views)
+      x.astype(jnp.promote_types(x.dtype, jnp.float32)), is_training, views)
   return y.astype(x.dtype)
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from byol_jax import fileio
-from byol_jax.data import input_pipeline
+from byol_jax.data import batch as batch_lib
 from byol_jax.evaluate import knn, readout
 from byol_jax.model import networks
 from byol_jax.train import linear_step, optim, parallel, train_step
@@ -61,7 +61,7 @@ def abstract(tree, sharding):
 
 
 def abstract_batch(config, kind: str, batch_size: int, mesh, source_side: int = 0) -> dict:
-  shapes = input_pipeline.batch_shapes(config, kind, batch_size, source_side)
+  shapes = batch_lib.shapes(config, kind, batch_size, source_side)
   sharding = parallel.batch_sharded(mesh)
   return {k: jax.ShapeDtypeStruct(shape, np.dtype(dtype), sharding=sharding)
           for k, (shape, dtype) in shapes.items()}

@@ -7,20 +7,22 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from byol_jax.model import networks
 
-def learning_rate(step, *, base_lr, batch_size, warmup_steps, total_steps):
+
+def learning_rate(step, *, base_lr, batch_size, warmup_steps, total_steps, dtype=jnp.float32):
   """base_lr * batch/256, linear warm-up from 0, then cosine decay to 0 at total_steps."""
   peak = base_lr * batch_size / 256.0
-  step = jnp.asarray(step, jnp.float32)
+  step = jnp.asarray(step, dtype)
   warm = peak * step / max(warmup_steps, 1)
   progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
   cosine = peak * 0.5 * (1.0 + jnp.cos(math.pi * jnp.clip(progress, 0.0, 1.0)))
   return jnp.where(step < warmup_steps, warm, cosine)
 
 
-def target_decay(step, *, base_tau, total_steps):
+def target_decay(step, *, base_tau, total_steps, dtype=jnp.float32):
   """tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2."""
-  k = jnp.clip(jnp.asarray(step, jnp.float32), 0.0, total_steps)
+  k = jnp.clip(jnp.asarray(step, dtype), 0.0, total_steps)
   return 1.0 - (1.0 - base_tau) * (jnp.cos(math.pi * k / total_steps) + 1.0) / 2.0
 
 
@@ -85,15 +87,17 @@ def ema(target, online, tau):
 
 
 def schedules(config):
-  """lr(step) and tau(step) for a config with `steps` and `warmup_steps` filled in."""
+  """lr(step) and tau(step) for a config with `steps` and `warmup_steps` filled in, in the
+  parameters' dtype."""
+  dtype = networks.param_dtype(config.compute_dtype)
   lr = functools.partial(learning_rate, base_lr=config.optimizer.base_lr,
                          batch_size=config.batch_size,
-                         warmup_steps=config.warmup_steps, total_steps=config.steps)
+                         warmup_steps=config.warmup_steps, total_steps=config.steps, dtype=dtype)
   if config.tau_schedule == "constant":
-    tau = lambda step: jnp.full((), config.base_tau, jnp.float32)
+    tau = lambda step: jnp.full((), config.base_tau, dtype)
   else:
     tau = functools.partial(target_decay, base_tau=config.base_tau,
-                            total_steps=config.steps)
+                            total_steps=config.steps, dtype=dtype)
   return lr, tau
 
 

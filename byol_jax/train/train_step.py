@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from byol_jax.data import batch as batch_lib
 from byol_jax.errors import ConfigError
 from byol_jax.model import networks as networks_lib
 from byol_jax.model import objectives
 from byol_jax.train import optim, parallel
-from byol_jax.views import device_crop
 
 
 class TrainState(NamedTuple):
@@ -34,7 +34,7 @@ class TrainState(NamedTuple):
 def init_state(config, nets: networks_lib.Networks, optimizer, image_shape, seed: int) -> TrainState:
   """Initial state; the target starts as a copy of the online encoder and projector."""
   init_key, run_key = jax.random.split(jax.random.PRNGKey(seed))
-  dummy = jnp.zeros((2, *image_shape), jnp.float32)
+  dummy = jnp.zeros((2, *image_shape), networks_lib.param_dtype(config.compute_dtype))
   params, state = nets.online.init(init_key, dummy, True)
   return TrainState(step=jnp.zeros((), jnp.int32), rng=run_key,
                     online_params=params, online_state=state,
@@ -67,10 +67,9 @@ def views_in_one_pass(model_config):
 def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment: AugmentFn):
   """Returns jitted `update(state, batch) -> (state, metrics)`.
 
-  `batch` holds `view1`, `view2` (uint8 or float, [B, H, W, 3]) and `label`
-  (int32, -1 for unlabelled), sharded along the mesh's data axis; or, from
-  in-memory sources, `image` (uint8 [B, H, W, 3]) and `crop_seed` (uint32
-  [B, 2, 2]) instead of the views, which `device_crop` then cuts here. `augment`
+  `batch` is a `data.batch.PretrainBatch` of either variant, sharded along the
+  mesh's data axis: host views, or in-memory images that `batch.raw_views` cuts
+  here (the jit traces one update per variant). `augment`
   takes (images, key, view_index) and returns float views in [0, 1]; it gets
   one key per view and must split it per example of the global batch (as
   `device_augment.device_augment` does), so no two examples on any device share
@@ -78,6 +77,7 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
   """
   lr_fn, tau_fn = optim.schedules(config)
   compute_dtype = jnp.dtype(config.compute_dtype)
+  out_dtype = networks_lib.param_dtype(compute_dtype)  # of outputs, losses and gradients
   merge_views = config.model.merge_views_bn
   one_pass = True if merge_views else views_in_one_pass(config.model)
   projection_dim = config.model.projection_dim
@@ -102,14 +102,14 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
       both = jnp.stack([view1, view2], axis=1).reshape(-1, *view1.shape[1:])
       out, state = transformed.apply(cast(params), state, cast(both), True,
                                      1 if merge_views else 2)
-      out = networks_lib.cast_floating(out, jnp.float32)
+      out = networks_lib.cast_floating(out, out_dtype)
       views = [jax.tree.map(lambda x, v=v: x.reshape(-1, 2, *x.shape[1:])[:, v], out)
                for v in (0, 1)]
       return views[0], views[1], state
     out1, state = transformed.apply(cast(params), state, cast(view1), True)
     out2, state = transformed.apply(cast(params), state, cast(view2), True)
-    return (networks_lib.cast_floating(out1, jnp.float32),
-            networks_lib.cast_floating(out2, jnp.float32), state)
+    return (networks_lib.cast_floating(out1, out_dtype),
+            networks_lib.cast_floating(out2, out_dtype), state)
 
   def loss_fn(online_params, state: TrainState, view1, view2, labels):
     on1, on2, online_state = forward(nets.online, online_params, state.online_state, view1, view2)
@@ -128,7 +128,7 @@ def make_update_fn(config, nets: networks_lib.Networks, optimizer, mesh, augment
   def update(state: TrainState, batch):
     key = jax.random.fold_in(state.rng, state.step)
     key1, key2 = jax.random.split(key)
-    raw1, raw2 = device_crop.batch_views(config, batch)  # cut here from in-memory sources
+    raw1, raw2 = batch_lib.raw_views(config, batch)  # cut here from in-memory images
     view1 = augment(raw1, key1, 0)
     view2 = augment(raw2, key2, 1)
     grads, aux = jax.grad(loss_fn, has_aux=True)(state.online_params, state, view1, view2,

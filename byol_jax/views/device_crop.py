@@ -149,14 +149,6 @@ def crop_views(images, seeds, view_configs: Sequence, size: int, crop: str = "re
                        cfg, size, crop, resize) for v, cfg in enumerate(view_configs)]
 
 
-def batch_views(config, batch):
-  """The two views a pretraining batch holds before the colour ops: its host
-  views `view1` / `view2`, or those cut here from its raw `image` and `crop_seed`."""
-  if "image" in batch:
-    return pretrain_views(config, batch["image"], batch["crop_seed"])
-  return batch["view1"], batch["view2"]
-
-
 def pretrain_views(config, images, seeds):
   """(view1, view2) of a pretraining batch: config.augment.view1 / view2's crops in
   config.augment's crop style and resize method, at config.data.image_size."""
