@@ -51,17 +51,7 @@ def run(config, workdir) -> dict:
     from byol_jax.jobs import compile_gpu  # pylint: disable=g-import-not-at-top
     return compile_gpu.run(config, workdir)
   topo = topology.parse(cc.topology, cc.num_slices)
-  unknown = sorted(set(cc.steps) - set(compile_lib.STEPS))
-  if unknown or not cc.steps:
-    raise ConfigError(f"compile.steps must name some of {', '.join(compile_lib.STEPS)}; got "
-                      f"{tuple(cc.steps)}.")
-  examples, classes, side = datasets.known_split_info(config, config.data.train_split)
-  config = config_lib.finalize(config, examples, classes)
-  mesh = parallel.make_mesh(topology.devices(topo))
-  steps = compile_lib.build_steps(config, mesh, side, tuple(cc.steps))
-  for name, step in steps.items():
-    if name not in FEATURE_STEPS:
-      parallel.check_batch_size(step.examples, mesh)
+  config, steps = checked_steps(config, lambda: topology.devices(topo))
 
   chip = roofline.CHIPS[topo.generation]
   hbm = chip.hbm_bytes / topo.devices_per_chip
@@ -127,6 +117,24 @@ def run(config, workdir) -> dict:
     name, row = max(over, key=lambda item: item[1]["hbm_fraction"])
     raise ConfigError(_does_not_fit(name, row["hbm_needed"], hbm, config, topo))
   return report
+
+
+def checked_steps(config, devices):
+  """(finalised config, `build_steps`' steps) over the mesh of `devices()`, the step names
+  and every batch checked first (ConfigError)."""
+  names = tuple(config.compile.steps)
+  unknown = sorted(set(names) - set(compile_lib.STEPS))
+  if unknown or not names:
+    raise ConfigError(f"compile.steps must name some of {', '.join(compile_lib.STEPS)}; got "
+                      f"{names}.")
+  examples, classes, side = datasets.known_split_info(config, config.data.train_split)
+  config = config_lib.finalize(config, examples, classes)
+  mesh = parallel.make_mesh(devices())
+  steps = compile_lib.build_steps(config, mesh, side, names)
+  for name, step in steps.items():
+    if name not in FEATURE_STEPS:
+      parallel.check_batch_size(step.examples, mesh)
+  return config, steps
 
 
 HEADER = (f"  {'step':<12}{'compile':>8}  {'HBM per device':<24}{'TFLOP':>7}{'GB moved':>10}"

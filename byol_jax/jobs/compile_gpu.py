@@ -18,13 +18,10 @@ ends the job with one line: needs / has / what to change.
 import math
 import os
 
-from byol_jax import config_lib
-from byol_jax.data import datasets
 from byol_jax.errors import ConfigError
 from byol_jax.jobs import compile as compile_job
 from byol_jax.preflight import compile as compile_lib
 from byol_jax.preflight import gpu, roofline
-from byol_jax.train import parallel
 
 # What launch/slurm_gpu.sbatch.template gives JAX (XLA_PYTHON_CLIENT_MEM_FRACTION); JAX's
 # own default is 0.75.
@@ -40,17 +37,7 @@ def run(config, workdir) -> dict:
     raise ConfigError(f"compile.num_slices is for TPU slices; for several GPU nodes name them "
                       f"in the topology: --config.compile.topology={topo.gpu}:"
                       f"{cc.num_slices}x{topo.gpus_per_node}.")
-  unknown = sorted(set(cc.steps) - set(compile_lib.STEPS))
-  if unknown or not cc.steps:
-    raise ConfigError(f"compile.steps must name some of {', '.join(compile_lib.STEPS)}; got "
-                      f"{tuple(cc.steps)}.")
-  examples, classes, side = datasets.known_split_info(config, config.data.train_split)
-  config = config_lib.finalize(config, examples, classes)
-  mesh = parallel.make_mesh(gpu.devices(topo))
-  steps = compile_lib.build_steps(config, mesh, side, tuple(cc.steps))
-  for name, step in steps.items():
-    if name not in compile_job.FEATURE_STEPS:
-      parallel.check_batch_size(step.examples, mesh)
+  config, steps = compile_job.checked_steps(config, lambda: gpu.devices(topo))
 
   spec, chip = gpu.GPUS[topo.gpu], gpu.chip(topo.gpu)
   has = spec.memory_bytes * MEM_FRACTION
