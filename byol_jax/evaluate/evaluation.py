@@ -47,11 +47,16 @@ def projection_spread(projections, mask=None) -> float:
 @jax.jit
 def _spread(projections, mask):
   z = objectives.l2_normalize(projections)
+  _, std = masked_moments(z, mask)
+  return jnp.mean(std) * jnp.sqrt(jnp.float32(z.shape[-1]))
+
+
+def masked_moments(x, mask):
+  """Per-column mean and (population) std of the rows of `x` in `mask`."""
   w = mask[:, None].astype(jnp.float32)
   n = jnp.maximum(jnp.sum(w), 1.0)
-  mean = jnp.sum(z * w, axis=0) / n
-  std = jnp.sqrt(jnp.sum(jnp.square(z - mean) * w, axis=0) / n)
-  return jnp.mean(std) * jnp.sqrt(jnp.float32(z.shape[-1]))
+  mean = jnp.sum(x * w, axis=0) / n
+  return mean, jnp.sqrt(jnp.sum(jnp.square(x - mean) * w, axis=0) / n)
 
 
 # The monitor has fallen once the spread is below this fraction of its best so far.

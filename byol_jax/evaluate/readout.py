@@ -118,10 +118,8 @@ def probe_local_batch(count: int, batch_size: int, devices: int) -> Optional[int
 
 @jax.jit
 def _moments(x, valid):
-  w = valid[:, None].astype(jnp.float32)
-  n = jnp.maximum(jnp.sum(w), 1.0)
-  mean = jnp.sum(x * w, axis=0) / n
-  return mean, jnp.sqrt(jnp.sum(jnp.square(x - mean) * w, axis=0) / n) + 1e-6
+  mean, std = evaluation.masked_moments(x, valid)
+  return mean, std + 1e-6
 
 
 @jax.jit
