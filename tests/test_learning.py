@@ -65,15 +65,15 @@ def pretrain(workdir: str, seed: int, steps: int, **overrides):
 def knn_and_spread(config, nets, params, state) -> dict:
   """kNN top-1 (k and temperature of the config) on the test split, the train split as the
   bank, and the test projections' spread."""
-  from byol_jax.evaluate import evaluation, readout  # pylint: disable=g-import-not-at-top
+  from byol_jax.evaluate import evaluation, knn, readout  # pylint: disable=g-import-not-at-top
   from byol_jax.train import parallel  # pylint: disable=g-import-not-at-top
   mesh = parallel.make_mesh(jax.devices()[:1])
   train, test = (readout.features(config, nets, params, state, split, mesh, 256)
                  for split in (config.data.train_split, config.data.test_split))
-  knn = evaluation.knn_accuracy(train["embedding"], train["label"], test["embedding"],
-                                test["label"], num_classes=config.data.num_classes,
-                                k=config.eval.knn_k, temperature=config.eval.knn_temperature)
-  return {"knn": knn["top1"], "spread": evaluation.projection_spread(test["projection"])}
+  accuracy = knn.knn_accuracy(train, test, mesh, num_classes=config.data.num_classes,
+                              k=config.eval.knn_k, temperature=config.eval.knn_temperature)
+  return {"knn": accuracy["top1"],
+          "spread": evaluation.projection_spread(test["projection"], test["mask"])}
 
 
 def byol_against_random_init(workdir: str, seed: int, steps: int = STEPS) -> dict:
