@@ -297,18 +297,19 @@ def test_knn_without_pretraining_says_what_to_do(tmp_path):
 
 # main as a terminal's foreground job runs it: Ctrl-C raises KeyboardInterrupt (a shell's
 # background jobs, such as a test runner may be, ignore SIGINT, and so would their children).
-# `python -c INTERRUPTER STEP <main's arguments>`: main with Ctrl-C's SIGINT (default handler,
-# as in a terminal's foreground job) sent to itself once the metrics row of step STEP is
-# written: the interruption lands at a known step whatever the machine's speed.
-INTERRUPTER = r"""
+# `python -c SIGNAL_AFTER_ROW SIGNAL STEP <main's arguments>`: main sending itself SIGNAL
+# (SIGINT: Ctrl-C with its default handler, as in a terminal's foreground job; SIGKILL) once
+# the metrics row of step STEP is written: the signal lands at a known step whatever the
+# machine's speed.
+SIGNAL_AFTER_ROW = r"""
 import os, signal, sys
 from byol_jax import main, reporting
 signal.signal(signal.SIGINT, signal.default_int_handler)
-step = int(sys.argv.pop(1))
+sig, step = getattr(signal, sys.argv.pop(1)), int(sys.argv.pop(1))
 write = reporting.Reporter.write
 def patched(self, s, metrics, **kw):
   write(self, s, metrics, **kw)
-  if s == step: os.kill(os.getpid(), signal.SIGINT)
+  if s == step: os.kill(os.getpid(), sig)
 reporting.Reporter.write = patched
 main.main()
 """
@@ -323,8 +324,8 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run_bit_for_bit(pretrained, 
   workdir = str(tmp_path / "preempted")
   extra = {"eval.every_steps": 0}  # the settings of `pretrained`
   args = cli(workdir, **extra)
-  proc = subprocess.run([args[0], "-c", INTERRUPTER, "2", *args[3:]], env=ENV, cwd=REPO,
-                        capture_output=True, text=True, timeout=600)
+  proc = subprocess.run([args[0], "-c", SIGNAL_AFTER_ROW, "SIGINT", "2", *args[3:]], env=ENV,
+                        cwd=REPO, capture_output=True, text=True, timeout=600)
   assert proc.returncode == main.PREEMPTED_EXIT_CODE, proc.stderr[-3000:]
   assert "Preempted at step 3;" in proc.stderr and "Traceback" not in proc.stderr
   assert sorted(committed_steps(workdir)) == [2, 3]
@@ -359,21 +360,6 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run_bit_for_bit(pretrained, 
   assert any("seed=0 there vs 1 here" in r.getMessage() for r in caplog.records)
 
 
-# `python -c GS_KILLER STEP <main's arguments>`: main on a gs:// workdir, SIGKILLed right
-# after step STEP's metrics row (held in memory, not yet written: it is lost).
-GS_KILLER = r"""
-import os, signal, sys
-from byol_jax import main, reporting
-step = int(sys.argv.pop(1))
-write = reporting.Reporter.write
-def patched(self, s, metrics, **kw):
-  write(self, s, metrics, **kw)
-  if s == step: os.kill(os.getpid(), signal.SIGKILL)
-reporting.Reporter.write = patched
-main.main()
-"""
-
-
 def test_sigkill_on_a_gs_workdir_then_resume_matches_an_uninterrupted_run(pretrained, tmp_path,
                                                                          caplog):
   """A gs:// workdir on a real Cloud Storage server (fake-gcs-server), killed between
@@ -392,7 +378,8 @@ def test_sigkill_on_a_gs_workdir_then_resume_matches_an_uninterrupted_run(pretra
       workdir = f"gs://{gcs_server.BUCKET}/killed"
       extra = {"log_every_steps": 1, "checkpoint.every_steps": 3}
       args = cli(workdir, **extra)
-      proc = subprocess.run([args[0], "-c", GS_KILLER, "7", *args[3:]], env=env, cwd=REPO,
+      proc = subprocess.run([args[0], "-c", SIGNAL_AFTER_ROW, "SIGKILL", "7",
+                             *args[3:]], env=env, cwd=REPO,
                             capture_output=True, text=True, timeout=600)
       assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
       assert fileio.exists(f"{workdir}/run.lock")  # the killed run's
