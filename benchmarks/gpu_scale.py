@@ -49,9 +49,18 @@ ROWS = {
     "r50_bf16_h100_one_pass_cublas": ("resnet50_imagenet", "h100", BF16 + B256 + (
         "--config.model.views_in_one_pass=True",)),
 }
-XLA_FLAGS = {name: TRITON_OFF for name in ("r50_gn_ws_h100_cublas", "r200x2_h100_cublas",
-                                             "r50_bf16_h100_two_pass_cublas",
-                                             "r50_bf16_h100_one_pass_cublas")}
+# The rest of the matrix (issue #30 item 4): f32, ResNet-200 2x and GN+WS on the other GPUs
+# and an 8-GPU node, at the same per-GPU batch as their H100 rows.
+OTHER_GPUS = {"a100_40": ("a100-40gb", 1), "a100_80": ("a100-80gb", 1), "h200": ("h200", 1),
+              "h100x8": ("h100x8", 8)}
+for _suffix, (_topology, _gpus) in OTHER_GPUS.items():
+  ROWS[f"r50_f32_{_suffix}"] = ("resnet50_imagenet", _topology,
+                                (f"--config.batch_size={256 * _gpus}",))
+  ROWS[f"r200x2_{_suffix}_cublas"] = ("resnet200x2_imagenet", _topology,
+                                      (f"--config.batch_size={64 * _gpus}",))
+  ROWS[f"r50_gn_ws_{_suffix}_cublas"] = ("resnet50_imagenet_gn_ws", _topology,
+                                         BF16 + (f"--config.batch_size={256 * _gpus}",))
+XLA_FLAGS = {name: TRITON_OFF for name in ROWS if name.endswith("_cublas")}
 
 
 def row_command(name: str, out: str) -> list:
