@@ -8,6 +8,7 @@ random-access; larger ones (imagenet2012) are streamed.
 
 import dataclasses
 import functools
+import re
 from typing import Optional
 
 import numpy as np
@@ -76,6 +77,31 @@ def _not_prepared_message(name: str, data_dir: Optional[str], cause) -> str:
           f"Nothing is downloaded at run time. {how}")
 
 
+def _raise_if_refused(error: BaseException, data_dir: Optional[str]) -> None:
+  """One line for a data_dir that TensorFlow may not read (on gs://: no or refused credentials,
+  no permission), rather than TFDS's "failed to construct" the dataset."""
+  tf = import_tensorflow()
+  chain, cause = [], error
+  while cause is not None and cause not in chain:
+    chain.append(cause)
+    cause = cause.__cause__ or cause.__context__
+  refused = [c for c in chain if isinstance(
+      c, (tf.errors.PermissionDeniedError, tf.errors.UnauthenticatedError))]
+  if not refused:
+    return
+  text = str(refused[0])
+  detail = (text.strip().splitlines() or [""])[0].split(" with body")[0]
+  message = re.search(r'"message":\s*"([^"\n]*)"', text)  # Cloud Storage's JSON error
+  if message:
+    detail += f": {message.group(1).rstrip('.')}"
+  check = ("TensorFlow reads gs:// with this machine's Google Cloud credentials: run `gcloud auth "
+           "application-default login` (a Cloud VM uses its service account), and grant them "
+           "roles/storage.objectViewer on the bucket" if str(data_dir).startswith("gs://")
+           else "check its permissions")
+  raise DataSourceError(f"Cannot read the TFDS data_dir {data_dir}: access denied "
+                        f"({type(refused[0]).__name__}: {detail}). {check}.") from error
+
+
 @functools.lru_cache(maxsize=16)
 def tfds_source(name: str, data_dir: Optional[str], split: str):
   """The split of TFDS dataset `name` under `data_dir`: in memory when small, else streamed."""
@@ -83,6 +109,7 @@ def tfds_source(name: str, data_dir: Optional[str], split: str):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except  # TFDS raises many types here
+    _raise_if_refused(e, data_dir)
     raise DataSourceError(
         f"TFDS does not know the dataset {name!r} ({type(e).__name__}: {e}). Check "
         "data.name (e.g. 'cifar10', 'imagenet2012', 'stl10', 'imagenette/full-size-v2').") from e
