@@ -128,7 +128,9 @@ def test_tiny_net_compiles_for_h100(tmp_path, topology, devices):
   report = json.loads((tmp_path / "compile_report.json").read_text())
   assert report["topology"]["devices"] == devices
   assert report["gpu"]["device_kind"] == "NVIDIA H100 80GB HBM3"
-  assert set(report["steps"]) == {"pretrain", "eval"}
+  # "eval" is periodic evaluation's three programs: the forward, the kNN's scoring, the probe.
+  assert set(report["steps"]) == {"pretrain", "eval", "knn", "probe"}
+  assert report["steps"]["knn"]["largest_batch_per_gpu_estimate"] is None  # a whole split
   step = report["steps"]["pretrain"]
   assert step["examples_per_device"] == 16 / devices
   assert step["convolution_flops"] > 0 and step["flops"] > step["convolution_flops"]
