@@ -24,8 +24,9 @@ trajectory, much as another seed does (experiments/README.md, "Figures on
 another machine"). Without the predictor the spread fell from ~0.6 to
 0.12-0.17 within 100 steps at every seed run, where BYOL's stayed above 0.74.
 
-Cost: ~150 CPU-seconds (experiments/README.md, "Learning test"). The full recipe's figures
-are checked by tests/test_demo_recipe.py (BYOL_SLOW=1).
+Cost: ~160 CPU-seconds, about half of it fixed (four compiles, the BN re-estimation;
+experiments/README.md, "Learning test"). The full recipe's figures are checked by
+tests/test_demo_recipe.py (BYOL_SLOW=1).
 """
 
 import argparse
