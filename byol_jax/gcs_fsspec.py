@@ -116,11 +116,22 @@ class _Upload(io.BytesIO):
 
 
 def install() -> None:
-  """Routes orbax's gs:// (etils.epath) through this filesystem, and tensorstore to the
-  server STORAGE_EMULATOR_HOST names, if any."""
-  os.environ["EPATH_USE_TF"] = "false"
+  """Routes etils.epath's gs:// in this process through this filesystem (orbax's files, and
+  TFDS's metadata on a gs:// data_dir once a checkpointer is made; tests/test_gcs_tfds.py),
+  and tensorstore to the server STORAGE_EMULATOR_HOST names, if any."""
   from etils.epath import gpath  # pylint: disable=g-import-not-at-top
-  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access  # it read the old value
+  # epath reads EPATH_USE_TF once and caches the answer: set it only for that read, so that
+  # child processes (which have no such filesystem registered) do not inherit it.
+  before = os.environ.get("EPATH_USE_TF")
+  os.environ["EPATH_USE_TF"] = "false"
+  try:
+    gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+    gpath._is_tf_installed()  # pylint: disable=protected-access
+  finally:
+    if before is None:
+      del os.environ["EPATH_USE_TF"]
+    else:
+      os.environ["EPATH_USE_TF"] = before
   for protocol in GCSFileSystem.protocol:
     fsspec.register_implementation(protocol, GCSFileSystem, clobber=True)
   emulator = os.environ.get("STORAGE_EMULATOR_HOST")

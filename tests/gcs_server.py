@@ -274,6 +274,7 @@ def tensorflow_gcs_env(env: dict, proxy_url: str, ca_path: str) -> dict:
           "no_proxy": "127.0.0.1,localhost", "CURL_CA_BUNDLE": ca_path,
           "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token"}
 
+
 def client(url: str):
   """A google-cloud-storage client of the server at `url`, for tests that start their own."""
   from google.auth.credentials import AnonymousCredentials  # pylint: disable=g-import-not-at-top

@@ -16,7 +16,9 @@ gs://BUCKET/tensorflow_datasets; the subprocess reads it through byol_jax's real
 (`datasets.load_source` -> `tfds_source` -> `tfds.builder(...).as_dataset`) held in memory,
 a sub-split, streamed (as imagenet2012 is) with one process's share, and through the tf.data
 evaluation pipeline; the pixels and labels must equal those read from the local copy, in the
-same order, and be what was written. And a data_dir that Cloud Storage refuses (403, served the
+same order, and be what was written; also with `gcs_fsspec.install()` done first, as a run
+with a gs:// workdir does, so that TFDS's metadata goes through google-cloud-storage (pointed
+at the same proxy) while TF reads the records. And a data_dir that Cloud Storage refuses (403, served the
 same way) ends a real `python -m byol_jax.main` run in one line.
 """
 
@@ -83,7 +85,12 @@ READER = textwrap.dedent("""
     from byol_jax.data import datasets, input_pipeline, tfds_source
     from tests.test_gcs_tfds import NAME, SHAPE, register_builder
 
-    out, data_dirs = sys.argv[1], sys.argv[2:]
+    out, epath, data_dirs = sys.argv[1], sys.argv[2], sys.argv[3:]
+    if epath == "byol_jax":  # as in a run whose workdir is on gs:// too (checkpoint.Checkpointer)
+      from etils.epath import Path, backend
+      from byol_jax import gcs_fsspec
+      gcs_fsspec.install()
+      assert Path(data_dirs[0])._backend is backend.fsspec_backend  # not TensorFlow's gfile
     register_builder()
 
     def decoded(contents):
@@ -159,11 +166,19 @@ def as_written(images, labels, split):
   np.testing.assert_array_equal(labels, written_labels[found])
 
 
-def test_tfds_read_from_a_gs_data_dir_equals_the_local_copy(tfds_on_gcs, tmp_path):
+@pytest.mark.parametrize("epath", ["tensorflow", "byol_jax"])
+def test_tfds_read_from_a_gs_data_dir_equals_the_local_copy(tfds_on_gcs, tmp_path, epath):
+  """epath="byol_jax": the process also has a gs:// workdir, whose checkpointer routes
+  etils.epath (TFDS's metadata reads) through byol_jax's filesystem (gcs_fsspec), hence through
+  google-cloud-storage, reaching the same server through the proxy; the records are still
+  read by TensorFlow."""
   data_dir, local_dir, env, asked, log = tfds_on_gcs
+  if epath == "byol_jax":
+    env = {**env, "STORAGE_EMULATOR_HOST": "https://storage.googleapis.com",
+           "REQUESTS_CA_BUNDLE": env["CURL_CA_BUNDLE"]}
   out = str(tmp_path / "read.npz")
-  result = subprocess.run([sys.executable, "-c", READER, out, data_dir, local_dir], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run([sys.executable, "-c", READER, out, epath, data_dir, local_dir],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
   with np.load(out) as f:
     read = dict(f)
@@ -197,7 +212,7 @@ def test_tfds_read_from_a_gs_data_dir_equals_the_local_copy(tfds_on_gcs, tmp_pat
   assert asked and {line.split()[1].rsplit(":", 1)[0] for line in asked} <= set(GOOGLE_HOSTS), asked
   with open(log) as f:  # its access log, one line a request, less fake_gcs_server's probe
     requests = [line for line in f if " - - [" in line and "GET /storage/v1/b HTTP" not in line]
-  assert requests and all(f"/{BUCKET}/" in r for r in requests), requests
+  assert requests and all(f"/{BUCKET}/" in r or f"/b/{BUCKET}?" in r for r in requests), requests
   assert any(f"GET /{BUCKET}/" in r and ".tfrecord-" in r for r in requests), requests
 
 
