@@ -34,8 +34,11 @@ lint: $(VENV)/installed-test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
 
+# Two pytest workers (pytest-xdist), a test file each at a time: one worker leaves ~40% of two
+# cores idle (compiles and Python are single-threaded). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest tests -q -ra --durations=15
+	$(PY) -m pytest tests -q -ra --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 # --job=compile for NVIDIA GPUs, tested with JAX's CUDA plugin (~4.4 GB of NVIDIA wheels) in a
 # venv of its own, so CPU runs never load it; no GPU needed. CUDA_VENV=/path reuses one.
