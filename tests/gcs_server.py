@@ -102,17 +102,26 @@ class _Forbidden(http.server.BaseHTTPRequestHandler):
     del args
 
 
+def _read_head(sock):
+  """An HTTP request's bytes up to and past its blank line (a body may have begun), or None
+  when the client closes first."""
+  head = b""
+  while b"\r\n\r\n" not in head:
+    chunk = sock.recv(65536)
+    if not chunk:
+      return None
+    head += chunk
+  return head
+
+
 class _Cut(socketserver.BaseRequestHandler):
   """Relays requests to the real server, but cuts the connection of any request with a
   body (a write) a few bytes into it: the network failing in the middle of a write."""
 
   def handle(self):
-    head = b""
-    while b"\r\n\r\n" not in head:
-      chunk = self.request.recv(65536)
-      if not chunk:
-        return
-      head += chunk
+    head = _read_head(self.request)
+    if head is None:
+      return
     head, _, body = head.partition(b"\r\n\r\n")
     lines = [l for l in head.split(b"\r\n") if not l.lower().startswith(b"connection:")]
     length = next((int(l.split(b":")[1]) for l in lines if l.lower().startswith(b"content-length:")),
@@ -210,12 +219,9 @@ class _Tunnel(socketserver.BaseRequestHandler):
   refuses (403) any other host; records every host asked for."""
 
   def handle(self):
-    head = b""
-    while b"\r\n\r\n" not in head:
-      chunk = self.request.recv(4096)
-      if not chunk:
-        return
-      head += chunk
+    head = _read_head(self.request)
+    if head is None:
+      return
     method, target = head.split(b"\r\n")[0].decode("latin-1").split(" ")[:2]
     host = target.rsplit(":", 1)[0]
     self.server.asked.append(f"{method} {target}")
