@@ -15,8 +15,8 @@ def test_linear_step_runs_in_the_config_s_compute_dtype(dtype):
   mesh = parallel.make_mesh()
   config = config_lib.prepare(tiny_config(compute_dtype=dtype), mesh)
   nets = networks.make_networks(config.model, config.data.num_classes)
-  pretrained = jax.eval_shape(lambda: train_step.create_state(
-      config, nets, optim.make_optimizer(config), mesh))
+  pretrained = jax.eval_shape(train_step.initial_state_fn(
+      config, nets, optim.make_optimizer(config)))
   step = linear_step.make_linear_step(config, mesh, lr=0.1, weight_decay=0.0, steps=10)
   state = jax.eval_shape(step.init, pretrained.online_params, pretrained.online_state)
   size = config.data.image_size

@@ -83,6 +83,27 @@ def first_step(base):
   return batch, state1, metrics
 
 
+def test_create_state_gives_init_s_parameters_and_the_same_first_step(base, first_step):
+  """`create_state` compiles init at XLA optimisation level 1 on a CPU (a cheaper compile).
+  Parameters, optimizer state and RNG equal a default compile's bit for bit; the BN averages
+  (init's dummy batch) may differ by rounding only, and the first step replaces them, so
+  one step from either state gives the same state bit for bit."""
+  created = parallel.fetch(train_step.create_state(base.config, base.nets, base.optimizer,
+                                                   base.mesh))
+  assert jax.tree.structure(created) == jax.tree.structure(base.state0)
+  for (path, got), want in zip(_leaves(created), jax.tree.leaves(base.state0)):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['average']"):
+      # Sums of O(1) activations in another order: float32 rounding, not another value.
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=name)
+    else:
+      np.testing.assert_array_equal(got, want, err_msg=name)
+  batch, state1, _ = first_step
+  (from_created,), _ = _run(base, [batch], state=created)
+  for (path, got), want in zip(_leaves(from_created), jax.tree.leaves(state1)):
+    np.testing.assert_array_equal(got, want, err_msg=jax.tree_util.keystr(path))
+
+
 # --- (a) target EMA and the probe's stop-gradient ----------------------------
 
 def test_target_is_ema_of_the_updated_online_network(base, first_step):

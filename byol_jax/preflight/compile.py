@@ -11,7 +11,6 @@ lowers and compiles one with the TPU compiler and reads its memory and cost
 analyses and its collectives off the optimised HLO.
 """
 
-import functools
 import math
 import re
 import time
@@ -72,8 +71,7 @@ def build_steps(config, mesh, source_side: int = 0, steps=STEPS) -> Dict[str, St
   nets = networks.make_networks(config.model, config.data.num_classes)
   optimizer = optim.make_optimizer(config)
   repl = parallel.replicated(mesh)
-  state = abstract(jax.eval_shape(functools.partial(
-      train_step.create_state, config, nets, optimizer, mesh)), repl)
+  state = abstract(jax.eval_shape(train_step.initial_state_fn(config, nets, optimizer)), repl)
   out = {}
   if "pretrain" in steps:
     update = train_step.make_update_fn(config, nets, optimizer, mesh,
