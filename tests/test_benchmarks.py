@@ -713,3 +713,17 @@ def test_demo_seeds_summarises_and_merges_records(tmp_path, capsys):
     json.dump({"config": "demo", "overrides": ["seed=1"], "rows": []}, f)
   with pytest.raises(SystemExit, match="one recipe"):
     seeds.main(["--merge", *records])
+
+
+# ----------------------------------------------------------------------------
+# init_compile.py
+# ----------------------------------------------------------------------------
+
+def test_init_compile_prints_both_compiles_and_keeps_the_parameters():
+  out = _run("init_compile.py", "--configs=demo", "--draws=2", host_devices=1)
+  assert re.search(r"2 threefry draws: options [\d.]+ s, bits same", out), out
+  assert re.search(r"2 threefry draws: unpartitionable [\d.]+ s, bits differ", out), out
+  line = re.search(r"demo init at 16 px: default ([\d.]+) s, options ([\d.]+) s; (\d+) of (\d+) "
+                   r"leaves differ .*, 0 of them parameters", out)
+  assert line and _positive(float(line[1])) and _positive(float(line[2])), out
+  assert int(line[3]) < int(line[4]), out

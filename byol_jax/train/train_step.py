@@ -43,11 +43,11 @@ def init_state(config, nets: networks_lib.Networks, optimizer, image_shape, seed
                     opt_state=optimizer.init(params))
 
 
-# Init runs once, yet on a CPU compiling it (the parameters' threefry draws) took 7 of a demo
-# run's first 20 seconds; XLA's backend optimisation level 1 makes that 3. The parameters come
-# out bit-identical (tests/test_train_step.py); only the BN averages of init's dummy batch may
-# move by an ulp, and the first training-mode forward replaces those (zero-debiased EMA).
-# Accelerators compile init as before: nothing was measured there.
+# Init runs once, yet on a CPU compiling it (the parameters' threefry draws) takes ~7 s for the
+# demo's net; XLA's backend optimisation level 1 makes that ~3 (benchmarks/init_compile.py).
+# The parameters come out bit-identical (tests/test_train_step.py); only the BN averages of
+# init's dummy batch may move by rounding, and the first training-mode forward replaces those
+# (zero-debiased EMA). Accelerators compile init as before: nothing was measured there.
 CPU_INIT_COMPILE_OPTIONS = {"xla_backend_optimization_level": 1}
 
 
