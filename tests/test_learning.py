@@ -39,7 +39,6 @@ import sys
 
 import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 SEED = 0
 STEPS = 600
@@ -108,12 +107,9 @@ def collapse_warnings(caplog) -> list:
 def compile_cache(tmp_path):
   """A fresh persistent compilation cache: the random-init baseline's init and the feature
   extractor's programs are the BYOL run's, compiled once (about 14 CPU-seconds)."""
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path / "xla_cache"))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", None)
-  compilation_cache.reset_cache()
+  from tests.test_main import persistent_compilation_cache  # pylint: disable=g-import-not-at-top
+  with persistent_compilation_cache(str(tmp_path / "xla_cache")):
+    yield
 
 
 def test_byol_beats_random_init_and_without_its_predictor_collapses(tmp_path, caplog,

@@ -6,6 +6,7 @@ Compiled programs go through a persistent XLA cache shared with the
 subprocess runs, which then skip most of their compile time.
 """
 
+import contextlib
 import glob
 import io
 import json
@@ -85,15 +86,24 @@ def final_params(workdir):
   return step, meta, (restored["online"], restored["train"])
 
 
+@contextlib.contextmanager
+def persistent_compilation_cache(directory: str):
+  """In-process compiles read and write `directory`'s cache, whatever their compile time."""
+  compilation_cache.reset_cache()
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_compilation_cache_dir", None)
+    compilation_cache.reset_cache()
+
+
 @pytest.fixture(scope="module", autouse=True)
 def xla_cache():
   """The in-process runs share the subprocesses' persistent compilation cache."""
-  compilation_cache.reset_cache()
-  jax.config.update("jax_compilation_cache_dir", XLA_CACHE)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  yield
-  jax.config.update("jax_compilation_cache_dir", None)
-  compilation_cache.reset_cache()
+  with persistent_compilation_cache(XLA_CACHE):
+    yield
 
 
 @pytest.fixture(scope="module")
