@@ -98,6 +98,12 @@ def _finish(ds, local: int, prefetch: int, drop_errors: bool):
   return ds.with_options(_options())
 
 
+def _without_autograph(fn):
+  """`fn` for tf.data to trace as written: the per-example maps branch with tf.cond, never
+  with Python control flow on tensors, so AutoGraph's conversion is CPU time for nothing."""
+  return import_tensorflow().autograph.experimental.do_not_convert(fn)
+
+
 def _views_fn(config, view_configs, tag: int, keys):
   """Per-example map: encoded image -> host views named `keys`, seeded by position."""
   tf = import_tensorflow()
@@ -116,7 +122,7 @@ def _views_fn(config, view_configs, tag: int, keys):
     out["label"] = label
     return out
 
-  return fn
+  return _without_autograph(fn)
 
 
 def _train_dataset(config, source, view_configs, keys, tag: int, *, batch_size: int,
@@ -202,7 +208,7 @@ def _eval_fn(config):
         lambda: tf.zeros([size, size, 3], host_augment.VIEW_DTYPES[resize]))
     return {"image": image, "label": tf.where(mask, label, -1), "mask": mask}
 
-  return fn
+  return _without_autograph(fn)
 
 
 # ----------------------------------------------------------------------------
