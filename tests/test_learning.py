@@ -24,12 +24,12 @@ seed does (experiments/README.md, "Figures on another machine"). Without the
 predictor the spread fell from ~0.6 to 0.12-0.17 within 100 steps at every seed,
 where BYOL's stayed above 0.73.
 
-Cost: ~135 CPU-seconds (85 s wall on an idle VM), over the issue's ~90: 600
-steps are ~45 of it, and most of the rest is fixed (two networks' init and
-update compiles, TF's import, the sample's decoding). The runs go in a process
-of their own with one CPU device, as the margins were measured (pytest's
-processes simulate 8); a fresh compilation cache lets the random-init baseline
-reuse the BYOL run's programs. The full recipe's figures are checked by
+Cost: ~125-135 CPU-seconds (85 s wall on an idle VM), over the issue's ~90:
+600 steps are ~26 of it and the rest is fixed (two networks' init and update
+compiles, TF's import, the sample's decoding and more; each row prints its
+phases' CPU-seconds). The runs go in a process of their own with one CPU
+device, as the margins were measured (pytest's processes simulate 8); a fresh
+compilation cache lets the random-init baseline reuse the BYOL run's programs. The full recipe's figures are checked by
 tests/test_demo_recipe.py (BYOL_SLOW=1).
 """
 
@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import re
+import resource
 import subprocess
 import sys
 
@@ -89,23 +90,41 @@ def byol_against_random_init(workdir: str, seed: int, steps: int = STEPS) -> dic
   from byol_jax import config_lib  # pylint: disable=g-import-not-at-top
   from byol_jax.evaluate import readout  # pylint: disable=g-import-not-at-top
   from byol_jax.train import checkpoint, parallel  # pylint: disable=g-import-not-at-top
-  with collapse_warnings() as warnings:
+  cpu = {}
+  with collapse_warnings() as warnings, cpu_seconds(cpu, "pretrain"):
     config, rows = pretrain(workdir, seed, steps)
   mesh = parallel.make_mesh(jax.devices()[:1])
-  byol = knn_and_spread(*checkpoint.load_pretrained(config, workdir, mesh))
-  random = knn_and_spread(*readout.random_baseline(
-      config_lib.prepare(config, mesh), mesh, bn_split=config.data.train_split,
-      batch_size=256))
+  with cpu_seconds(cpu, "knn"):
+    byol = knn_and_spread(*checkpoint.load_pretrained(config, workdir, mesh))
+  with cpu_seconds(cpu, "random_init_knn"):
+    random = knn_and_spread(*readout.random_baseline(
+        config_lib.prepare(config, mesh), mesh, bn_split=config.data.train_split,
+        batch_size=256))
   return {"byol": byol, "random": random, "gap": byol["knn"] - random["knn"],
           "train_spreads": [r["projection_std"] for r in rows if "projection_std" in r],
-          "collapse_warnings": warnings}
+          "collapse_warnings": warnings, "cpu_seconds": cpu}
 
 
 def without_predictor(workdir: str, seed: int, steps: int = NO_PREDICTOR_STEPS) -> dict:
-  with collapse_warnings() as warnings:
+  cpu = {}
+  with collapse_warnings() as warnings, cpu_seconds(cpu, "pretrain"):
     _, rows = pretrain(workdir, seed, steps, **{"model.use_predictor": False})
   return {"train_spreads": [r["projection_std"] for r in rows if "projection_std" in r],
-          "collapse_warnings": warnings}
+          "collapse_warnings": warnings, "cpu_seconds": cpu}
+
+
+@contextlib.contextmanager
+def cpu_seconds(record: dict, name: str):
+  """Adds this process's CPU time (all threads, user + system) inside the block to
+  record[name]: where the test's cost goes, printed with each row."""
+  def now():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+  start = now()
+  try:
+    yield
+  finally:
+    record[name] = round(now() - start, 1)
 
 
 @contextlib.contextmanager
