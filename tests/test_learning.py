@@ -29,8 +29,9 @@ Cost: ~125-135 CPU-seconds (85 s wall on an idle VM), over the issue's ~90:
 compiles, TF's import, the sample's decoding and more; each row prints its
 phases' CPU-seconds). The runs go in a process of their own with one CPU
 device, as the margins were measured (pytest's processes simulate 8); a fresh
-compilation cache lets the random-init baseline reuse the BYOL run's programs. The full recipe's figures are checked by
-tests/test_demo_recipe.py (BYOL_SLOW=1).
+compilation cache lets the random-init baseline reuse the BYOL run's programs.
+The full recipe's figures are checked by tests/test_demo_recipe.py
+(BYOL_SLOW=1).
 """
 
 import argparse
